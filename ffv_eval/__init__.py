@@ -1,0 +1,17 @@
+"""ffv-eval: function vectors (FV), fine-tuned FVs (FFV) and composite FVs (CFV) for lm-eval."""
+
+# Keep this module import-light: the lm-eval import hook (_ffv_eval_autoload) imports it
+# inside every program that imports lm-eval.
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# A source checkout (and an editable install) uses <checkout>/tasks and <checkout>/vectors.
+# A regular wheel install has no checkout: the build hook (hatch_build.py) ships those
+# folders inside the package as ffv_eval/_bundled/{tasks,vectors}.
+_BUNDLED = Path(__file__).resolve().parent / "_bundled"
+_DATA_ROOT = _BUNDLED if _BUNDLED.is_dir() else PROJECT_ROOT
+TASKS_DIR = _DATA_ROOT / "tasks"
+VECTORS_DIR = _DATA_ROOT / "vectors"

@@ -1,0 +1,267 @@
+"""Function vectors by causal mediation (Todd et al. 2024).
+
+1. Clean prompts: n-shot `Q: x\\nA: y` demonstrations of a relation, then a query.
+2. Mean per-head attention output at the last token over clean prompts: [L, H, D].
+3. Average indirect effect (AIE) of each head: patch its mean output into prompts whose
+   demonstration labels are shuffled, and measure the gain in the answer's probability.
+4. The function vector: the residual-stream contributions of the top-k heads, summed, to be
+   added after one decoder block at the last prompt token. The block is chosen by zero-shot
+   accuracy on the validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ffv_eval.patching import Patcher
+from ffv_eval.prompts import answer_text, fewshot_prompt, query_text, shuffled_label_demos
+from ffv_eval.relations import RelationData, WordPair
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    n_shots: int = 10
+    n_mean_prompts: int = 32
+    n_effect_prompts: int = 12
+    top_k_choices: tuple[int, ...] = (1, 3, 10)
+    scale_choices: tuple[float, ...] = (1.0, 2.0, 4.0)
+    seed: int = 0
+    head_batch: int = 128
+    layer: int | None = None  # None: every layer is a candidate
+
+
+@dataclass
+class ExtractionResult:
+    vector: torch.Tensor  # [hidden]
+    layer: int
+    heads: list[tuple[int, int, float]]  # (layer, head, AIE), best first
+    scale: float  # already applied to `vector`
+    indirect_effects: torch.Tensor  # [L, H] AIE
+    validation_accuracy: float
+    validation_accuracy_by_layer: dict[int, float]  # best over top-k and scale, per layer
+    zero_shot_validation_accuracy: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# -- prompts and tokens --------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptSet:
+    input_ids: list[list[int]]
+    answer_ids: list[int]  # first token of each prompt's answer
+
+
+def answer_token_id(tokenizer, word: str) -> int:
+    ids = tokenizer(answer_text(word), add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"answer {word!r} encodes to no tokens")
+    return ids[0]
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], answers: Sequence[str]) -> PromptSet:
+    return PromptSet(
+        input_ids=[tokenizer(t).input_ids for t in texts],
+        answer_ids=[answer_token_id(tokenizer, a) for a in answers],
+    )
+
+
+def icl_prompts(pairs: Sequence[WordPair], n_prompts: int, n_shots: int, rng: random.Random, shuffle_labels: bool):
+    """n-shot prompts whose demonstrations and query are drawn from `pairs` (query never
+    among its own demonstrations); with shuffle_labels the demonstrations' outputs are permuted."""
+    if len(pairs) < n_shots + 1:
+        raise ValueError(f"{n_shots}-shot prompts need at least {n_shots + 1} pairs, got {len(pairs)}")
+    texts, answers = [], []
+    for _ in range(n_prompts):
+        chosen = rng.sample(list(pairs), n_shots + 1)
+        demos, query = chosen[:-1], chosen[-1]
+        if shuffle_labels:
+            demos = shuffled_label_demos(demos, rng)
+        texts.append(fewshot_prompt(demos, query.input))
+        answers.append(query.output)
+    return texts, answers
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, S], attention mask, and each row's last real position [B]."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask, mask.sum(dim=1) - 1
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# -- step 2: mean head outputs -------------------------------------------------------------
+@torch.no_grad()
+def mean_head_outputs(patcher: Patcher, prompts: PromptSet, pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    total = None
+    for start in range(0, len(prompts.input_ids), batch_size):
+        ids, mask, last = right_pad(prompts.input_ids[start : start + batch_size], pad_id)
+        heads = patcher.head_outputs(ids, last, attention_mask=mask).sum(dim=0)
+        total = heads if total is None else total + heads
+    return total / len(prompts.input_ids)
+
+
+# -- step 3: indirect effects --------------------------------------------------------------
+def _all_heads(patcher: Patcher) -> list[tuple[int, int]]:
+    a = patcher.adapter
+    return [(layer, head) for layer in range(a.n_layers) for head in range(a.n_heads)]
+
+
+@torch.no_grad()
+def indirect_effects(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Tensor, head_batch: int = 128) -> torch.Tensor:
+    """Per-prompt indirect effect of every head, [N, L, H]. The prefix before the last token
+    is run once per prompt (key/value cache); only the last position is re-run, for many
+    patched heads per batch (row 0 of the first batch is the unpatched baseline)."""
+    a = patcher.adapter
+    rows = [(-1, 0)] + _all_heads(patcher)
+    effects = torch.zeros(len(prompts.input_ids), a.n_layers, a.n_heads)
+    for p, (ids, answer) in enumerate(zip(prompts.input_ids, prompts.answer_ids)):
+        ids = torch.tensor([ids])
+        prefix_cache = a.base_model()(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        probs = []
+        for start in range(0, len(rows), head_batch):
+            chunk = rows[start : start + head_batch]
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+            layers = [layer for layer, _ in chunk]
+            heads = [head for _, head in chunk]
+            values = torch.stack([mean_heads[max(layer, 0), head] for layer, head in chunk])
+            logits = patcher.last_logits_with_head_patches(
+                ids[:, -1:].expand(len(chunk), 1), layers, heads, values, past_key_values=cache, use_cache=True
+            )
+            probs.append(torch.softmax(logits.float(), dim=-1)[:, answer])
+        probs = torch.cat(probs)
+        effects[p] = (probs[1:] - probs[0]).view(a.n_layers, a.n_heads)
+    return effects
+
+
+@torch.no_grad()
+def indirect_effects_reference(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Tensor) -> torch.Tensor:
+    """The straightforward loop: one full forward pass per head per prompt. Slow; kept as
+    the ground truth that `indirect_effects` is tested and benchmarked against."""
+    a = patcher.adapter
+    effects = torch.zeros(len(prompts.input_ids), a.n_layers, a.n_heads)
+    for p, (ids, answer) in enumerate(zip(prompts.input_ids, prompts.answer_ids)):
+        ids = torch.tensor([ids])
+        base = torch.softmax(a.unembed(a.base_model()(input_ids=ids).last_hidden_state[:, -1]).float(), -1)[0, answer]
+        for layer, head in _all_heads(patcher):
+            logits = patcher.last_logits_with_head_patches(ids, [layer], [head], mean_heads[layer, head][None])
+            effects[p, layer, head] = torch.softmax(logits.float(), dim=-1)[0, answer] - base
+    return effects
+
+
+# -- step 4: the vector and its layer ------------------------------------------------------
+def top_heads(aie: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
+    n_heads = aie.shape[1]
+    values, flat = aie.flatten().topk(min(k, aie.numel()))
+    return [(int(i) // n_heads, int(i) % n_heads, float(v)) for v, i in zip(values, flat)]
+
+
+def assemble_vector(patcher: Patcher, mean_heads: torch.Tensor, heads: Sequence[tuple[int, int, float]]) -> torch.Tensor:
+    """Sum of the chosen heads' mean outputs in the residual-stream basis."""
+    vector = torch.zeros(patcher.adapter.hidden_size)
+    for layer in sorted({h[0] for h in heads}):
+        contributions = patcher.adapter.head_contributions(layer, mean_heads[layer])
+        for _, head, _ in (h for h in heads if h[0] == layer):
+            vector += contributions[head]
+    return vector
+
+
+@torch.no_grad()
+def first_token_scores(
+    patcher: Patcher,
+    tokenizer,
+    pairs: Sequence[WordPair],
+    layer: int | None = None,
+    vectors: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-shot `Q: x\nA:` prompts with each of `vectors` [V, hidden] added after block
+    `layer` at the last prompt token (or none, V = 1): per vector, the share of prompts whose
+    most likely next token is the answer's first token, and the answer's mean log-probability."""
+    prompts = encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
+    n_vectors = 1 if vectors is None else vectors.shape[0]
+    rows = [(v, i) for v in range(n_vectors) for i in range(len(pairs))]  # every vector x every prompt
+    hits = torch.zeros(n_vectors)
+    logprob = torch.zeros(n_vectors)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask, last = right_pad([prompts.input_ids[i] for _, i in chunk], pad_id_of(tokenizer))
+        which = torch.tensor([v for v, _ in chunk])
+        vector = None if vectors is None else vectors[which]
+        hidden = patcher.final_hidden(ids, mask, layer=layer, vector=vector, positions=last)
+        logits = patcher.adapter.unembed(hidden[torch.arange(len(last)), last]).float()
+        answers = torch.tensor([prompts.answer_ids[i] for _, i in chunk])
+        hits.index_add_(0, which, (logits.argmax(-1) == answers).float())
+        logprob.index_add_(0, which, logits.log_softmax(-1)[torch.arange(len(chunk)), answers])
+    return hits / len(pairs), logprob / len(pairs)
+
+
+def first_token_accuracy(patcher, tokenizer, pairs, layer=None, vector=None) -> float:
+    accuracy, _ = first_token_scores(patcher, tokenizer, pairs, layer, None if vector is None else vector[None])
+    return float(accuracy[0])
+
+
+def extract_function_vector(
+    patcher: Patcher,
+    tokenizer,
+    relation: RelationData,
+    settings: ExtractionSettings = ExtractionSettings(),
+    progress: Callable[[str], None] = lambda message: None,
+) -> ExtractionResult:
+    a = patcher.adapter
+    if settings.layer is not None and not 0 <= settings.layer < a.n_layers:
+        raise ValueError(f"layer {settings.layer} out of range: the model has layers 0..{a.n_layers - 1}")
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    clean = encode_prompts(tokenizer, *icl_prompts(relation.train, settings.n_mean_prompts, settings.n_shots, rng, False))
+    mean_heads = mean_head_outputs(patcher, clean, pad_id_of(tokenizer))
+    seconds["mean_head_outputs"] = time.perf_counter() - t
+    progress(f"mean head outputs over {settings.n_mean_prompts} clean {settings.n_shots}-shot prompts ({seconds['mean_head_outputs']:.1f}s)")
+
+    t = time.perf_counter()
+    corrupted = encode_prompts(tokenizer, *icl_prompts(relation.train, settings.n_effect_prompts, settings.n_shots, rng, True))
+    aie = indirect_effects(patcher, corrupted, mean_heads, settings.head_batch).mean(dim=0)
+    ranked = top_heads(aie, max(settings.top_k_choices))
+    seconds["indirect_effects"] = time.perf_counter() - t
+    progress(
+        f"indirect effects of {a.n_layers * a.n_heads} heads on {settings.n_effect_prompts} shuffled-label prompts "
+        f"({seconds['indirect_effects']:.1f}s); top: " + ", ".join(f"L{l}H{h}={e:.4f}" for l, h, e in ranked[:5])
+    )
+
+    # Choose top-k, layer and scale by zero-shot validation accuracy (mean answer log-prob
+    # breaks ties); every candidate vector for one layer runs in one batch.
+    t = time.perf_counter()
+    candidates = [(k, scale) for k in settings.top_k_choices for scale in settings.scale_choices]
+    vectors = torch.stack([assemble_vector(patcher, mean_heads, ranked[:k]) * scale for k, scale in candidates])
+    baseline = first_token_accuracy(patcher, tokenizer, relation.validation)
+    layers = [settings.layer] if settings.layer is not None else list(range(a.n_layers))
+    best, by_layer = None, {}
+    for layer in layers:
+        accuracy, logprob = first_token_scores(patcher, tokenizer, relation.validation, layer, vectors)
+        by_layer[layer] = float(accuracy.max())
+        for c, (k, scale) in enumerate(candidates):
+            key = (float(accuracy[c]), float(logprob[c]))
+            if best is None or key > best[0]:
+                best = (key, layer, k, scale, c)
+    (accuracy, _), layer, k, scale, c = best
+    seconds["selection"] = time.perf_counter() - t
+    progress(
+        f"validation accuracy: zero-shot {baseline:.2f}; best FV: top-{k} heads x{scale:g} at layer {layer} "
+        f"{accuracy:.2f} ({seconds['selection']:.1f}s over {len(layers)} layers x {len(candidates)} candidates)"
+    )
+    return ExtractionResult(vectors[c], layer, ranked[:k], scale, aie, accuracy, by_layer, baseline, seconds)

@@ -1,0 +1,124 @@
+"""Interventions on a causal LM through nnsight: add a vector to the residual stream at chosen
+positions, read per-head attention outputs, and overwrite single heads' outputs. Every edit
+goes through the architecture adapter's module paths, per head through a [B, S, H, D] view.
+
+nnsight 0.8 runs the intervention body interleaved with the real forward pass: modules must be
+visited in execution order, and results are collected in lists made before the trace."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import nnsight
+import torch
+from nnsight import NNsight
+
+from ffv_eval.architectures import ArchitectureAdapter, adapter_for
+
+
+class Patcher:
+    """One wrapped model, the interventions ffv_eval needs on it."""
+
+    def __init__(self, model: torch.nn.Module, adapter: ArchitectureAdapter | None = None):
+        self.model = model
+        self.adapter = adapter or adapter_for(model)
+        self.traced = NNsight(model)
+
+    def _layer(self, layer: int):
+        return self.adapter.decoder_layers(self.traced)[layer]
+
+    def _o_proj(self, layer: int):
+        return self.adapter.o_proj(layer, self.traced)
+
+    # -- adding a vector to the residual stream -------------------------------------------
+    def _add_at(self, layer: int, vector: torch.Tensor, positions: torch.Tensor) -> None:
+        """Inside a trace: residual[b, positions[b]] += vector[b] after decoder block `layer`."""
+        hidden = self._layer(layer).output
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        hidden[rows, positions.to(hidden.device)] += vector.to(hidden.device, hidden.dtype)
+
+    def final_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        layer: int | None = None,
+        vector: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, S, hidden] (no unembedding), optionally with
+        `vector` ([hidden] or [B, hidden]) added after block `layer` at `positions` [B]."""
+        base = self.adapter.base_model()
+        if vector is None:
+            return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out: list = []
+        with self.traced.trace(input_ids, attention_mask=attention_mask, fn=base.forward) as tracer:
+            self._add_at(layer, _per_row(vector, input_ids.shape[0]), positions)
+            out.append(nnsight.save(tracer.result))
+        return out[0].last_hidden_state
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        layer: int | None = None,
+        vector: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """`model.generate` on left-padded inputs, with `vector` added after block `layer` at
+        the last prompt position of the first (prefill) step only."""
+        if vector is None:
+            return self.model.generate(input_ids=input_ids, **generate_kwargs)
+        out: list = []
+        last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long)
+        with self.traced.trace(input_ids, fn=self.model.generate, **generate_kwargs) as tracer:
+            self._add_at(layer, _per_row(vector, input_ids.shape[0]), last)
+            out.append(nnsight.save(tracer.result))
+        return out[0]
+
+    # -- attention heads -------------------------------------------------------------------
+    def head_outputs(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-head attention outputs (the o_proj inputs) at `positions` [B]: [B, L, H, D]."""
+        a = self.adapter
+        saved: list = []
+        with self.traced.trace(input_ids, attention_mask=attention_mask, fn=a.base_model().forward):
+            for layer in range(a.n_layers):
+                x = self._o_proj(layer).input
+                rows = torch.arange(x.shape[0], device=x.device)
+                heads = x[rows, positions.to(x.device)].view(x.shape[0], a.n_heads, a.head_dim)
+                saved.append(nnsight.save(heads.detach().float().clone()))
+        return torch.stack(saved, dim=1)
+
+    def last_logits_with_head_patches(
+        self,
+        input_ids: torch.Tensor,
+        patch_layers: Sequence[int],
+        patch_heads: Sequence[int],
+        patch_values: torch.Tensor,
+        **forward_kwargs,
+    ) -> torch.Tensor:
+        """Logits at the last position [B, V], with row b's head patch_heads[b] at layer
+        patch_layers[b] set to patch_values[b] ([D]) at the last position; a row with layer -1
+        is left unpatched. forward_kwargs go to the model (e.g. past_key_values)."""
+        a = self.adapter
+        layers = torch.as_tensor(patch_layers)
+        heads = torch.as_tensor(patch_heads)
+        plan = []
+        for layer in sorted(set(layers.tolist()) - {-1}):
+            rows = (layers == layer).nonzero().flatten()
+            plan.append((layer, rows, heads[rows], patch_values[rows]))
+        out: list = []
+        with self.traced.trace(input_ids, fn=a.base_model().forward, **forward_kwargs) as tracer:
+            for layer, rows, row_heads, values in plan:
+                x = self._o_proj(layer).input
+                view = x.view(x.shape[0], x.shape[1], a.n_heads, a.head_dim)
+                view[rows, -1, row_heads] = values.to(x.dtype)
+            out.append(nnsight.save(tracer.result))
+        return a.unembed(out[0].last_hidden_state[:, -1])
+
+
+def _per_row(vector: torch.Tensor, batch: int) -> torch.Tensor:
+    return vector.expand(batch, -1) if vector.dim() == 1 else vector

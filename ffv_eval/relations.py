@@ -1,0 +1,140 @@
+"""Relation word pairs: the project's own files (tasks/relations/pairs/<name>.jsonl) or Todd et
+al.'s files from a data directory (<data_dir>/function_vectors/abstractive/<name>.json), split
+deterministically into train / validation / test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ffv_eval import TASKS_DIR
+
+PAIRS_DIR = TASKS_DIR / "relations" / "pairs"
+TODD_SUBDIR = Path("function_vectors") / "abstractive"
+HEADLINE_RELATIONS = ("antonym", "capitalize", "country-capital", "english-french", "present-past", "singular-plural")
+SPLIT_SEED = 20260108
+MIN_TRAIN, MIN_VALIDATION, MIN_TEST = 20, 15, 50
+
+
+class RelationDataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class WordPair:
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class RelationData:
+    name: str
+    source: str  # "project" or "todd"
+    path: Path
+    sha256: str
+    train: tuple[WordPair, ...]
+    validation: tuple[WordPair, ...]
+    test: tuple[WordPair, ...]
+
+    def split(self, name: str) -> tuple[WordPair, ...]:
+        if name not in ("train", "validation", "test"):
+            raise RelationDataError(f"unknown split '{name}' (train, validation, test)")
+        return getattr(self, name)
+
+
+def data_dir_from_env(explicit: str | os.PathLike | None = None) -> Path | None:
+    value = explicit if explicit not in (None, "") else os.environ.get("FFV_DATA_DIR") or None
+    return Path(value) if value is not None else None
+
+
+def project_relations() -> list[str]:
+    return sorted(p.stem for p in PAIRS_DIR.glob("*.jsonl"))
+
+
+def relation_path(name: str, data_dir: Path | None = None) -> tuple[Path, str]:
+    if data_dir is not None:
+        path = Path(data_dir) / TODD_SUBDIR / f"{name}.json"
+        if not path.exists():
+            raise RelationDataError(
+                f"relation '{name}': no file {path} in the data directory {data_dir} "
+                f"(expected Todd et al.'s layout function_vectors/abstractive/<relation>.json)"
+            )
+        return path, "todd"
+    path = PAIRS_DIR / f"{name}.jsonl"
+    if not path.exists():
+        raise RelationDataError(
+            f"unknown relation '{name}': no file {path} (project relations: {', '.join(project_relations())})"
+        )
+    return path, "project"
+
+
+def _pair_from(obj, where: str) -> WordPair:
+    if not isinstance(obj, dict):
+        raise RelationDataError(f"{where}: expected an object with 'input' and 'output', got {type(obj).__name__}")
+    for field in ("input", "output"):
+        value = obj.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise RelationDataError(f"{where}: field '{field}' must be a non-empty string, got {value!r}")
+    return WordPair(obj["input"].strip(), obj["output"].strip())
+
+
+def read_pairs(path: Path) -> list[WordPair]:
+    """Read a .jsonl (one object a line) or .json (a list of objects) file of word pairs."""
+    text = path.read_text(encoding="utf-8")
+    pairs: list[WordPair] = []
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RelationDataError(f"{path}: line {err.lineno}: malformed JSON ({err.msg})") from err
+        if not isinstance(items, list):
+            raise RelationDataError(f"{path}: expected a JSON list of {{input, output}} objects")
+        pairs = [_pair_from(obj, f"{path}: item {i}") for i, obj in enumerate(items)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RelationDataError(f"{path}: line {lineno}: malformed JSON ({err.msg})") from err
+            pairs.append(_pair_from(obj, f"{path}: line {lineno}"))
+    # One answer per input: keep the first occurrence of a repeated input.
+    seen: dict[str, WordPair] = {}
+    for pair in pairs:
+        seen.setdefault(pair.input, pair)
+    return list(seen.values())
+
+
+def split_sizes(n: int) -> tuple[int, int, int]:
+    n_test = max(MIN_TEST, round(0.3 * n))
+    n_valid = max(MIN_VALIDATION, round(0.1 * n))
+    n_train = n - n_test - n_valid
+    return n_train, n_valid, n_test
+
+
+def load_relation(name: str, data_dir: str | os.PathLike | None = None) -> RelationData:
+    path, source = relation_path(name, data_dir_from_env(data_dir))
+    pairs = read_pairs(path)
+    n_train, n_valid, n_test = split_sizes(len(pairs))
+    if n_train < MIN_TRAIN:
+        raise RelationDataError(
+            f"{path}: {len(pairs)} distinct pairs; need at least "
+            f"{MIN_TRAIN + MIN_VALIDATION + MIN_TEST} for train/validation/test splits"
+        )
+    order = list(range(len(pairs)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    shuffled = [pairs[i] for i in order]
+    return RelationData(
+        name=name,
+        source=source,
+        path=path,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        train=tuple(shuffled[:n_train]),
+        validation=tuple(shuffled[n_train : n_train + n_valid]),
+        test=tuple(shuffled[n_train + n_valid :]),
+    )

@@ -1,0 +1,152 @@
+"""Vectors on disk: `<name>.safetensors` (one tensor, "vector") beside `<name>.json` (metadata:
+model fingerprint, layer, relation, heads, data hash, seed, metrics). Both are written to
+temporary files and renamed into place, so a failed or interrupted save leaves nothing.
+Shipped vectors live in vectors/<model alias>/<kind>/<relation>.safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ffv_eval import VECTORS_DIR
+
+FORMAT = "ffv-eval/vector/1"
+KINDS = ("ffv", "fv")  # preference order for a bare shipped name
+REQUIRED_FIELDS = {"format": str, "kind": str, "relation": str, "model_fingerprint": str, "hidden_size": int, "layer": int}
+
+
+class VectorFileError(ValueError):
+    pass
+
+
+@dataclass
+class StoredVector:
+    vector: torch.Tensor
+    metadata: dict
+    path: Path
+
+
+def sidecar_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_vector(path: str | os.PathLike, vector: torch.Tensor, metadata: dict, force: bool = False) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise VectorFileError(f"{path}: vector files end in .safetensors")
+    meta = {"format": FORMAT, **metadata, "hidden_size": int(vector.numel())}
+    _check_metadata(meta, path)
+    check_finite(vector, path)
+    if not force and (path.exists() or sidecar_path(path).exists()):
+        raise VectorFileError(f"{path} exists; pass --force to overwrite")
+    tensor = vector.detach().float().cpu().contiguous().view(-1)
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    # The sidecar goes last: a vector without a sidecar is never loaded.
+    _atomic_write(path, lambda tmp: save_file({"vector": tensor}, tmp))
+    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path
+
+
+def check_finite(vector: torch.Tensor, where) -> None:
+    if not torch.isfinite(vector).all():
+        bad = int((~torch.isfinite(vector)).sum())
+        raise VectorFileError(f"{where}: vector has {bad} non-finite values (NaN or inf)")
+
+
+def _check_metadata(meta: dict, where) -> None:
+    for name, kind in REQUIRED_FIELDS.items():
+        if name not in meta:
+            raise VectorFileError(f"{where}: metadata field '{name}' is missing")
+        if not isinstance(meta[name], kind) or isinstance(meta[name], bool):
+            raise VectorFileError(f"{where}: metadata field '{name}' should be {kind.__name__}, got {meta[name]!r}")
+    if meta["format"] != FORMAT:
+        raise VectorFileError(f"{where}: field 'format' is {meta['format']!r}, expected {FORMAT!r}")
+
+
+def load_vector(path: str | os.PathLike) -> StoredVector:
+    path = Path(path)
+    side = sidecar_path(path)
+    if not path.exists():
+        raise VectorFileError(f"vector file {path} does not exist")
+    if not side.exists():
+        raise VectorFileError(f"{path}: metadata sidecar {side} is missing")
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise VectorFileError(f"{side}: line {err.lineno}: malformed JSON ({err.msg})") from err
+    if not isinstance(meta, dict):
+        raise VectorFileError(f"{side}: expected a JSON object")
+    _check_metadata(meta, side)
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise VectorFileError(f"{path}: not a readable safetensors file ({err})") from err
+    if set(tensors) != {"vector"}:
+        raise VectorFileError(f"{path}: expected one tensor named 'vector', found {sorted(tensors)}")
+    vector = tensors["vector"].float()
+    if vector.dim() != 1 or vector.numel() != meta["hidden_size"]:
+        raise VectorFileError(
+            f"{path}: tensor shape {tuple(vector.shape)} does not match field 'hidden_size' = {meta['hidden_size']} in {side}"
+        )
+    check_finite(vector, path)
+    return StoredVector(vector, meta, path)
+
+
+def shipped_path(model_alias: str, kind: str, relation: str, root: Path = VECTORS_DIR) -> Path:
+    return root / model_alias / kind / f"{relation}.safetensors"
+
+
+def find_vectors(spec: str, root: Path = VECTORS_DIR) -> list[StoredVector]:
+    """A vector file path, or a shipped name (`antonym`: the FFV where there is one, else the
+    FV; `fv:antonym`, `ffv:antonym`): every shipped vector of that name, for any model. The
+    caller picks the one whose model fingerprint matches (see `check_compatible`)."""
+    spec = str(spec)
+    if spec.endswith(".safetensors") or os.sep in spec or Path(spec).exists():
+        return [load_vector(spec)]
+    kind, _, relation = spec.rpartition(":")
+    if kind and kind not in KINDS:
+        raise VectorFileError(f"vector '{spec}': unknown kind '{kind}' (known: {', '.join(KINDS)})")
+    found: dict[str, StoredVector] = {}  # per model directory, the first kind in preference order
+    for k in [kind] if kind else KINDS:
+        for path in sorted(root.glob(f"*/{k}/{relation}.safetensors")):
+            found.setdefault(path.parent.parent.name, load_vector(path))
+    if not found:
+        known = sorted({f"{p.parent.name}:{p.stem}" for p in root.glob("*/*/*.safetensors")})
+        raise VectorFileError(f"unknown vector name '{spec}' and no such file (shipped: {', '.join(known) or 'none'})")
+    return list(found.values())
+
+
+def check_compatible(stored: StoredVector, hidden_size: int, n_layers: int, fingerprint: str | None, layer: int | None) -> int:
+    """Raise a clear error if the vector cannot be used on this model; return the layer to use."""
+    meta = stored.metadata
+    if meta["hidden_size"] != hidden_size:
+        raise VectorFileError(f"{stored.path}: vector has hidden size {meta['hidden_size']}, the model has {hidden_size}")
+    if fingerprint is not None and meta["model_fingerprint"] != fingerprint:
+        raise VectorFileError(
+            f"{stored.path}: made for model fingerprint {meta['model_fingerprint']} "
+            f"({meta.get('model', 'unknown model')}), the loaded model is {fingerprint}"
+        )
+    use = meta["layer"] if layer is None else layer
+    if not 0 <= use < n_layers:
+        raise VectorFileError(f"layer {use} out of range: the model has layers 0..{n_layers - 1}")
+    return use
+
+

@@ -1,0 +1,117 @@
+"""Interventions and causal mediation on tiny random Llama and Gemma 3 models, against plain
+torch-hook references."""
+
+import random
+
+import torch
+
+from ffv_eval import function_vectors as fv
+from ffv_eval.architectures import GemmaAdapter, UnsupportedArchitecture, adapter_for
+from ffv_eval.patching import Patcher
+from ffv_eval.relations import WordPair
+
+
+def test_vector_is_added_only_at_each_rows_position(tiny_model):
+    patcher = Patcher(tiny_model)
+    ids = torch.randint(1, 120, (3, 7))
+    positions = torch.tensor([2, 4, 6])
+    vector = torch.randn(3, patcher.adapter.hidden_size) * 5
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[torch.arange(3), positions] += vector
+        return output
+
+    with torch.no_grad():
+        patched = patcher.final_hidden(ids, layer=1, vector=vector, positions=positions)
+        handle = tiny_model.model.layers[1].register_forward_hook(hook)
+        expected = tiny_model.model(ids).last_hidden_state
+        handle.remove()
+        plain = tiny_model.model(ids).last_hidden_state
+    assert torch.allclose(patched, expected, atol=1e-6)
+    changed = (patched - plain).abs().amax(-1) > 1e-6
+    for row, pos in enumerate(positions.tolist()):  # causal: nothing before the patch moves
+        assert not changed[row, :pos].any() and changed[row, pos]
+
+
+def test_head_outputs_and_head_patches_match_hooks(tiny_model):
+    patcher = Patcher(tiny_model)
+    a = patcher.adapter
+    ids = torch.randint(1, 120, (2, 6))
+    positions = torch.tensor([3, 5])
+    captured = []
+    hooks = [a.o_proj(l).register_forward_pre_hook(lambda m, args: captured.append(args[0][torch.arange(2), positions]))
+             for l in range(a.n_layers)]
+    with torch.no_grad():
+        tiny_model.model(ids)
+    for h in hooks:
+        h.remove()
+    heads = patcher.head_outputs(ids, positions)
+    assert heads.shape == (2, a.n_layers, a.n_heads, a.head_dim)
+    assert torch.allclose(heads, torch.stack(captured, 1).view_as(heads), atol=1e-6)
+
+    values = torch.randn(2, a.head_dim)
+    with torch.no_grad():
+        logits = patcher.last_logits_with_head_patches(ids, [1, -1], [2, 0], values)
+        plain = tiny_model(ids).logits[:, -1]
+    assert not torch.allclose(logits[0], plain[0], atol=1e-4)  # row 0 patched
+    assert torch.allclose(logits[1], plain[1], atol=1e-5)  # row 1 left alone
+
+
+def test_cached_batched_indirect_effects_equal_the_straightforward_loop(tiny_model):
+    patcher = Patcher(tiny_model)
+    prompts = fv.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(3)], answer_ids=[5, 17, 33])
+    mean_heads = torch.randn(patcher.adapter.n_layers, patcher.adapter.n_heads, patcher.adapter.head_dim)
+    fast = fv.indirect_effects(patcher, prompts, mean_heads, head_batch=5)  # several batches
+    slow = fv.indirect_effects_reference(patcher, prompts, mean_heads)
+    assert slow.abs().max() > 1e-4
+    assert (fast - slow).abs().max() < 1e-5
+
+
+def test_gemma_head_contributions_sum_to_the_normed_attention_output():
+    from tests.conftest import tiny_gemma3
+
+    model = tiny_gemma3()
+    adapter = adapter_for(model)
+    assert isinstance(adapter, GemmaAdapter)
+    mean = torch.randn(adapter.n_heads, adapter.head_dim)
+    for layer in range(adapter.n_layers):
+        per_head = adapter.head_contributions(layer, mean)
+        block = model.model.layers[layer]
+        with torch.no_grad():
+            expected = block.post_attention_layernorm(block.self_attn.o_proj(mean.flatten()))
+        assert torch.allclose(per_head.sum(0), expected, atol=1e-4)
+
+
+def test_llama_head_contributions_sum_to_o_proj_output():
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    mean = torch.randn(adapter.n_heads, adapter.head_dim)
+    with torch.no_grad():
+        expected = model.model.layers[2].self_attn.o_proj(mean.flatten())
+    assert torch.allclose(adapter.head_contributions(2, mean).sum(0), expected, atol=1e-5)
+
+
+def test_unknown_architecture_is_named():
+    class Fake(torch.nn.Module):
+        class config:
+            model_type = "gpt_neox"
+
+    try:
+        adapter_for(Fake())
+    except UnsupportedArchitecture as err:
+        assert "gpt_neox" in str(err)
+    else:
+        raise AssertionError("expected UnsupportedArchitecture")
+
+
+def test_shuffled_labels_break_the_relation():
+    demos = [WordPair(f"w{i}", f"o{i}") for i in range(10)]
+    from ffv_eval.prompts import shuffled_label_demos
+
+    shuffled = shuffled_label_demos(demos, random.Random(0))
+    assert [p.input for p in shuffled] == [p.input for p in demos]
+    assert sorted(p.output for p in shuffled) == sorted(p.output for p in demos)
+    assert any(a.output != b.output for a, b in zip(shuffled, demos))
