@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from ffv_eval import TASKS_DIR
-from ffv_eval.relations import HEADLINE_RELATIONS, load_relation
+from ffv_eval.relations import HEADLINE_RELATIONS, load_relation, project_relations
+from ffv_eval.vector_store import KINDS, VectorFileError, shipped_path
 
 
 def _score(lm, task_manager, task: str, num_fewshot: int, limit: int | None) -> dict:
@@ -25,51 +26,72 @@ def _score(lm, task_manager, task: str, num_fewshot: int, limit: int | None) -> 
 
 
 def compare_conditions(model: str = "gemma-3-270m", relations=None, limit=None, batch_size=16, num_fewshot=10,
-                       data_dir=None, output=None) -> dict:
+                       data_dir=None, output=None, kinds=None, markdown=None, command=None) -> dict:
+    """Per relation: zero-shot, patched with the model's shipped vector of each kind in `kinds`
+    (fv, ffv, ffv-random), and num_fewshot-shot, each an lm-eval run of relation_<name>."""
     from lm_eval.tasks import TaskManager
 
     from ffv_eval.lm_model import FFVPatchedLM
 
-    relations = list(relations or HEADLINE_RELATIONS)
-    for name in relations:  # bad names and data files fail before the model loads
+    relations = project_relations() if relations in (["all"], ("all",)) else list(relations or HEADLINE_RELATIONS)
+    if kinds is None:  # every kind of vector shipped for all the relations
+        kinds = [k for k in KINDS if all(shipped_path(model, k, name).exists() for name in relations)]
+    for name in relations:  # bad names, data files and missing vectors fail before the model loads
         load_relation(name, data_dir)
+        for kind in kinds:
+            if not shipped_path(model, kind, name).exists():
+                raise VectorFileError(f"no shipped {kind} for {name} on {model}: {shipped_path(model, kind, name)}")
     task_manager = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": data_dir} if data_dir else None)
     lm = FFVPatchedLM(pretrained=model, batch_size=batch_size)
+    conditions = ["zero_shot", *kinds, f"{num_fewshot}_shot"]
     rows = {}
     for name in relations:
         task, t = f"relation_{name}", time.perf_counter()
+        row = {"vectors": {}}
+        for condition in conditions:
+            lm.set_vector(None if condition in ("zero_shot", conditions[-1]) else str(shipped_path(model, condition, name)))
+            if lm.stored_vector is not None:
+                row["vectors"][condition] = {"path": str(lm.stored_vector.path), "layer": lm.patch_layer}
+            row[condition] = _score(lm, task_manager, task, num_fewshot if condition == conditions[-1] else 0, limit)
         lm.set_vector(None)
-        zero = _score(lm, task_manager, task, 0, limit)
-        lm.set_vector(name)
-        vector_info = {"path": str(lm.stored_vector.path), "kind": lm.stored_vector.metadata["kind"], "layer": lm.patch_layer}
-        patched = _score(lm, task_manager, task, 0, limit)
-        lm.set_vector(None)
-        fewshot = _score(lm, task_manager, task, num_fewshot, limit)
-        rows[name] = {"zero_shot": zero, "patched": patched, f"{num_fewshot}_shot": fewshot, "vector": vector_info,
-                      "seconds": time.perf_counter() - t}
-        print(f"[ffv] {task}: zero-shot {zero['exact_match']:.3f}, patched {patched['exact_match']:.3f}, "
-              f"{num_fewshot}-shot {fewshot['exact_match']:.3f}", flush=True)
-    report = {"model": model, "data": "todd" if data_dir else "project", "limit": limit, "relations": rows}
-    print(format_table(report, num_fewshot))
+        row["seconds"] = time.perf_counter() - t
+        rows[name] = row
+        print(f"[ffv] {task}: " + ", ".join(f"{c} {row[c]['exact_match']:.3f}" for c in conditions), flush=True)
+    report = {"model": model, "data": "todd" if data_dir else "project", "limit": limit, "conditions": conditions, "relations": rows}
+    table = format_table(report)
+    print(table)
     if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
+        _write_atomically(Path(output), json.dumps(report, indent=2) + "\n")
+    if markdown:
+        regenerate = f"\n\nRegenerate with:\n\n```bash\n{command}\n```\n" if command else "\n"
+        _write_atomically(Path(markdown), f"# {model}: relation completion\n\n{table}{regenerate}")
     return report
 
 
-def format_table(report: dict, num_fewshot: int = 10) -> str:
-    head = f"| relation | zero-shot | patched | {num_fewshot}-shot | vector (layer) |"
-    lines = [f"{report['model']} on {report['data']} data (exact match on the first word, ± stderr)", head, "|---|---|---|---|---|"]
-    cell = lambda m: f"{m['exact_match']:.3f} ± {m['stderr']:.3f}"
-    means = {"zero_shot": 0.0, "patched": 0.0, f"{num_fewshot}_shot": 0.0}
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(report: dict) -> str:
+    """Markdown: one row per relation, one column per condition (exact match ± stderr), and the mean."""
+    conditions = report["conditions"]
+    lines = [
+        f"{report['model']} on {report['data']} data: exact match of the first generated word(s), ± stderr"
+        + (f" (first {report['limit']} test pairs)" if report.get("limit") else ""),
+        "",
+        "| relation | " + " | ".join(c.replace("_", "-") for c in conditions) + " |",
+        "|---" * (len(conditions) + 1) + "|",
+    ]
     for name, row in report["relations"].items():
-        lines.append(f"| {name} | {cell(row['zero_shot'])} | {cell(row['patched'])} | {cell(row[f'{num_fewshot}_shot'])} | "
-                     f"{row['vector']['kind']} ({row['vector']['layer']}) |")
-        for k in means:
-            means[k] += row[k]["exact_match"] / len(report["relations"])
-    lines.append(f"| mean | {means['zero_shot']:.3f} | {means['patched']:.3f} | {means[f'{num_fewshot}_shot']:.3f} | |")
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]['exact_match']:.3f} ± {row[c]['stderr']:.3f}" for c in conditions) + " |")
+    means = [sum(r[c]["exact_match"] for r in report["relations"].values()) / len(report["relations"]) for c in conditions]
+    lines.append("| **mean** | " + " | ".join(f"**{m:.3f}**" for m in means) + " |")
     return "\n".join(lines)

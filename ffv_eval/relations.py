@@ -82,8 +82,10 @@ def _pair_from(obj, where: str) -> WordPair:
     return WordPair(obj["input"].strip(), obj["output"].strip())
 
 
-def read_pairs(path: Path) -> list[WordPair]:
-    """Read a .jsonl (one object a line) or .json (a list of objects) file of word pairs."""
+def read_pairs(path: Path, keep_repeated_inputs: bool = False) -> list[WordPair]:
+    """Read a .jsonl (one object a line) or .json (a list of objects) file of word pairs. A
+    repeated input keeps its first answer unless keep_repeated_inputs (for callers that
+    refuse duplicates themselves)."""
     text = path.read_text(encoding="utf-8")
     pairs: list[WordPair] = []
     if path.suffix == ".json":
@@ -103,7 +105,8 @@ def read_pairs(path: Path) -> list[WordPair]:
             except json.JSONDecodeError as err:
                 raise RelationDataError(f"{path}: line {lineno}: malformed JSON ({err.msg})") from err
             pairs.append(_pair_from(obj, f"{path}: line {lineno}"))
-    # One answer per input: keep the first occurrence of a repeated input.
+    if keep_repeated_inputs:
+        return pairs
     seen: dict[str, WordPair] = {}
     for pair in pairs:
         seen.setdefault(pair.input, pair)

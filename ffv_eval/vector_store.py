@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from ffv_eval import VECTORS_DIR
 
 FORMAT = "ffv-eval/vector/1"
-KINDS = ("ffv", "fv")  # preference order for a bare shipped name
+KINDS = ("ffv", "fv", "ffv-random")
+BARE_NAME_KINDS = ("ffv", "fv")  # what a bare shipped name means, in order of preference
 REQUIRED_FIELDS = {"format": str, "kind": str, "relation": str, "model_fingerprint": str, "hidden_size": int, "layer": int}
 
 
@@ -125,7 +126,7 @@ def find_vectors(spec: str, root: Path = VECTORS_DIR) -> list[StoredVector]:
     if kind and kind not in KINDS:
         raise VectorFileError(f"vector '{spec}': unknown kind '{kind}' (known: {', '.join(KINDS)})")
     found: dict[str, StoredVector] = {}  # per model directory, the first kind in preference order
-    for k in [kind] if kind else KINDS:
+    for k in [kind] if kind else BARE_NAME_KINDS:
         for path in sorted(root.glob(f"*/{k}/{relation}.safetensors")):
             found.setdefault(path.parent.parent.name, load_vector(path))
     if not found:

@@ -10,7 +10,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from ffv_eval import function_vectors as fv
-from ffv_eval.extraction import extract_and_save
+from ffv_eval.vector_jobs import extract_and_save
 from ffv_eval.model_loading import model_fingerprint, resolve_pretrained
 from ffv_eval.patching import Patcher
 from ffv_eval.relations import load_relation
@@ -249,12 +249,13 @@ def test_ffv_cli_bad_input_exits_with_a_named_error_and_writes_nothing(tmp_path)
 
 
 def test_main_job_compares_zero_shot_patched_and_few_shot(tmp_path):
-    from ffv_eval.comparison import compare_conditions
+    from ffv_eval.comparison import compare_conditions, format_table
 
     out = tmp_path / "comparison.json"
     report = compare_conditions("gemma-3-270m", ["antonym"], limit=6, batch_size=8, num_fewshot=3, output=str(out))
     row = report["relations"]["antonym"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    for condition in ("zero_shot", "patched", "3_shot"):
+    for condition in ("zero_shot", "fv", "3_shot"):
         assert 0.0 <= row[condition]["exact_match"] <= 1.0 and row[condition]["stderr"] >= 0.0
-    assert row["vector"]["path"].endswith("antonym.safetensors")
+    assert row["vectors"]["fv"]["path"].endswith("fv/antonym.safetensors")
+    assert "| antonym |" in format_table(report)

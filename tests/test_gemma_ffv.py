@@ -1,0 +1,82 @@
+"""Fine-tuned function vectors and decoding on the real Gemma 3 270M."""
+
+import json
+
+import pytest
+import torch
+
+from ffv_eval import VECTORS_DIR
+from ffv_eval.decoding import decode_vector
+from ffv_eval.fine_tuning import DivergedTraining, TrainingSettings
+from ffv_eval.patching import Patcher
+from ffv_eval.relations import RelationDataError, load_relation
+from ffv_eval.vector_jobs import train_and_save
+from ffv_eval.vector_store import VectorFileError, load_vector
+
+pytestmark = pytest.mark.slow
+QUICK = TrainingSettings(steps=8, batch_size=4)
+
+
+def test_training_lowers_the_loss_and_is_bit_identical_when_repeated(tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train_and_save("gemma-3-270m", "antonym", out=str(first), settings=QUICK)
+    train_and_save("gemma-3-270m", "antonym", out=str(second), settings=QUICK)
+    assert first.read_bytes() == second.read_bytes()
+    assert first.with_suffix(".json").read_text() == second.with_suffix(".json").read_text()
+    stored = load_vector(first)
+    meta = stored.metadata
+    fv = load_vector(VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors")
+    assert meta["kind"] == "ffv" and meta["init"] == "fv" and meta["layer"] == fv.metadata["layer"]
+    assert meta["metrics"]["last_loss"] < meta["metrics"]["first_loss"]
+    assert not torch.equal(stored.vector, fv.vector)
+    assert meta["data"]["n_test"] >= 50 and meta["settings"]["n_pairs"] == 20
+
+
+def test_random_init_is_the_ablation(tmp_path):
+    out = tmp_path / "r.safetensors"
+    train_and_save("gemma-3-270m", "antonym", out=str(out), settings=TrainingSettings(steps=2, init="random"))
+    meta = load_vector(out).metadata
+    assert meta["kind"] == "ffv-random" and meta["init"] == "random"
+    fv_norm = load_vector(VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors").vector.norm()
+    assert meta["metrics"]["first_loss"] > 0 and abs(load_vector(out).vector.norm() / fv_norm - 1) < 0.5
+
+
+def _pairs_file(tmp_path, pairs):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"input": a, "output": b}) + "\n" for a, b in pairs))
+    return str(path)
+
+
+def test_bad_training_input_is_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "v.safetensors"
+    test_pair = load_relation("antonym").test[0]
+    many = [(f"word{i}", f"drow{i}") for i in range(25)]
+    for pairs, message in (
+        (many[:5], "5 training pairs, need at least 20"),
+        (many + [("word3", "other")], "duplicate training inputs: word3"),
+        (many + [(test_pair.input, test_pair.output)], f"overlap the test split: {test_pair.input}"),
+    ):
+        with pytest.raises(RelationDataError, match=message):
+            train_and_save("gemma-3-270m", "antonym", out=str(out), settings=QUICK, pairs_file=_pairs_file(tmp_path, pairs))
+    with pytest.raises(DivergedTraining, match="diverged at step"):
+        train_and_save("gemma-3-270m", "antonym", out=str(out), settings=TrainingSettings(steps=5, learning_rate=1e30))
+    with pytest.raises(VectorFileError, match="no function vector to start from"):
+        train_and_save("gemma-3-270m", "antonym", out=str(out), start_from=str(tmp_path / "missing.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+    out.write_text("keep me")
+    with pytest.raises(VectorFileError, match="exists; pass --force"):
+        train_and_save("gemma-3-270m", "antonym", out=str(out), settings=QUICK)
+    assert out.read_text() == "keep me"
+
+
+def test_decoding_finds_a_known_answer_token(gemma):
+    model, tok = gemma
+    adapter = Patcher(model).adapter
+    pairs = load_relation("antonym").test
+    answer = tok(" " + pairs[0].output, add_special_tokens=False).input_ids[0]
+    direction = model.lm_head.weight[answer].float()
+    decoding = decode_vector(adapter, tok, direction * 100, pairs, k=20)
+    assert decoding.hits[0] and decoding.tokens[0].strip() == tok.decode([answer]).strip()
+    unrelated = decode_vector(adapter, tok, -direction * 100, pairs, k=20)
+    assert not unrelated.hits[0]
+    assert len(decoding.tokens) == 20 and decoding.n_hits == sum(decoding.hits)
