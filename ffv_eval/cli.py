@@ -115,10 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ffv_eval.fine_tuning import DivergedTraining
+
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # our errors name the file, field or line
+    except (ValueError, FileNotFoundError, DivergedTraining) as err:  # our errors name the file, field or line
         print(f"ffv: error: {err}", file=sys.stderr)
         return 2
     return 0

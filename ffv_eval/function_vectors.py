@@ -147,16 +147,17 @@ def indirect_effects(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Ten
 
 
 @torch.no_grad()
-def indirect_effects_reference(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Tensor) -> torch.Tensor:
-    """The straightforward loop: one full forward pass per head per prompt. Slow; kept as
-    the ground truth that `indirect_effects` is tested and benchmarked against."""
+def indirect_effects_reference(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Tensor, full_model: bool = False) -> torch.Tensor:
+    """The straightforward loop: one forward pass per head per prompt. Slow; kept as the ground
+    truth that `indirect_effects` is tested and benchmarked against. full_model: a plain model
+    forward with logits at every position (otherwise only the last position is unembedded)."""
     a = patcher.adapter
     effects = torch.zeros(len(prompts.input_ids), a.n_layers, a.n_heads)
     for p, (ids, answer) in enumerate(zip(prompts.input_ids, prompts.answer_ids)):
         ids = torch.tensor([ids])
         base = torch.softmax(a.unembed(a.base_model()(input_ids=ids).last_hidden_state[:, -1]).float(), -1)[0, answer]
         for layer, head in _all_heads(patcher):
-            logits = patcher.last_logits_with_head_patches(ids, [layer], [head], mean_heads[layer, head][None])
+            logits = patcher.last_logits_with_head_patches(ids, [layer], [head], mean_heads[layer, head][None], full_model)
             effects[p, layer, head] = torch.softmax(logits.float(), dim=-1)[0, answer] - base
     return effects
 

@@ -98,11 +98,13 @@ class Patcher:
         patch_layers: Sequence[int],
         patch_heads: Sequence[int],
         patch_values: torch.Tensor,
+        full_model: bool = False,
         **forward_kwargs,
     ) -> torch.Tensor:
         """Logits at the last position [B, V], with row b's head patch_heads[b] at layer
         patch_layers[b] set to patch_values[b] ([D]) at the last position; a row with layer -1
-        is left unpatched. forward_kwargs go to the model (e.g. past_key_values)."""
+        is left unpatched. forward_kwargs go to the model (e.g. past_key_values). full_model
+        runs the whole causal LM, logits at every position, as a plain forward would."""
         a = self.adapter
         layers = torch.as_tensor(patch_layers)
         heads = torch.as_tensor(patch_heads)
@@ -111,12 +113,15 @@ class Patcher:
             rows = (layers == layer).nonzero().flatten()
             plan.append((layer, rows, heads[rows], patch_values[rows]))
         out: list = []
-        with self.traced.trace(input_ids, fn=a.base_model().forward, **forward_kwargs) as tracer:
+        forward = self.model.forward if full_model else a.base_model().forward
+        with self.traced.trace(input_ids, fn=forward, **forward_kwargs) as tracer:
             for layer, rows, row_heads, values in plan:
                 x = self._o_proj(layer).input
                 view = x.view(x.shape[0], x.shape[1], a.n_heads, a.head_dim)
                 view[rows, -1, row_heads] = values.to(x.dtype)
             out.append(nnsight.save(tracer.result))
+        if full_model:
+            return out[0].logits[:, -1]
         return a.unembed(out[0].last_hidden_state[:, -1])
 
 

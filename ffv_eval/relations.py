@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ffv_eval import TASKS_DIR
+from ffv_eval.json_lines import json_line_objects
 
 PAIRS_DIR = TASKS_DIR / "relations" / "pairs"
 TODD_SUBDIR = Path("function_vectors") / "abstractive"
@@ -97,14 +98,7 @@ def read_pairs(path: Path, keep_repeated_inputs: bool = False) -> list[WordPair]
             raise RelationDataError(f"{path}: expected a JSON list of {{input, output}} objects")
         pairs = [_pair_from(obj, f"{path}: item {i}") for i, obj in enumerate(items)]
     else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RelationDataError(f"{path}: line {lineno}: malformed JSON ({err.msg})") from err
-            pairs.append(_pair_from(obj, f"{path}: line {lineno}"))
+        pairs = [_pair_from(obj, f"{path}: line {n}") for n, obj in json_line_objects(path, RelationDataError)]
     if keep_repeated_inputs:
         return pairs
     seen: dict[str, WordPair] = {}

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ffv_eval import VECTORS_DIR
 
 FORMAT = "ffv-eval/vector/1"
-KINDS = ("ffv", "fv", "ffv-random")
+KINDS = ("fv", "ffv", "ffv-random")
 BARE_NAME_KINDS = ("ffv", "fv")  # what a bare shipped name means, in order of preference
 REQUIRED_FIELDS = {"format": str, "kind": str, "relation": str, "model_fingerprint": str, "hidden_size": int, "layer": int}
 

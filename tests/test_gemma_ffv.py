@@ -80,3 +80,15 @@ def test_decoding_finds_a_known_answer_token(gemma):
     unrelated = decode_vector(adapter, tok, -direction * 100, pairs, k=20)
     assert not unrelated.hits[0]
     assert len(decoding.tokens) == 20 and decoding.n_hits == sum(decoding.hits)
+
+
+def test_decode_shows_the_shipped_vectors_of_a_relation_side_by_side():
+    from ffv_eval.vector_jobs import decode_and_print
+
+    printed = []
+    decodings = decode_and_print(["antonym"], "gemma-3-270m", k=20, print_=printed.append)
+    assert list(decodings) == ["fv:antonym", "ffv:antonym", "ffv-random:antonym"]
+    assert all(len(d.tokens) == 20 and d.n_hits == sum(d.hits) for d in decodings.values())
+    assert "answer tokens" in printed[0] and "ffv:antonym" in printed[0]
+    with pytest.raises(VectorFileError, match="no shipped vector 'no-such'"):
+        decode_and_print(["no-such"], "gemma-3-270m")

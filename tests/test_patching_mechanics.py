@@ -64,8 +64,9 @@ def test_cached_batched_indirect_effects_equal_the_straightforward_loop(tiny_mod
     mean_heads = torch.randn(patcher.adapter.n_layers, patcher.adapter.n_heads, patcher.adapter.head_dim)
     fast = fv.indirect_effects(patcher, prompts, mean_heads, head_batch=5)  # several batches
     slow = fv.indirect_effects_reference(patcher, prompts, mean_heads)
+    plain = fv.indirect_effects_reference(patcher, prompts, mean_heads, full_model=True)
     assert slow.abs().max() > 1e-4
-    assert (fast - slow).abs().max() < 1e-5
+    assert (fast - slow).abs().max() < 1e-5 and (plain - slow).abs().max() < 1e-5
 
 
 def test_gemma_head_contributions_sum_to_the_normed_attention_output():

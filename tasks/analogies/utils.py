@@ -1,0 +1,9 @@
+# Hooks for the analogy task YAMLs (lm-eval resolves `!function utils.<name>` here).
+from ffv_eval.analogy_data import (  # noqa: F401
+    analogy_completion_dataset,
+    analogy_questions_dataset,
+    one_shot_choices,
+    plain_choices,
+    process_completion_results,
+    ucla_vat_dataset,
+)

@@ -1,0 +1,292 @@
+"""Analogy data and the lm-eval tasks in tasks/analogies/: loaders on the real public files, every
+bad input, the prompts each task builds, completion scoring, and one small run on the real model."""
+
+import json
+from collections import Counter
+
+import pytest
+
+import ffv_eval
+from ffv_eval import analogy_data as A
+
+QUESTION_TASKS = [f"{s}_analogy{v}" for v in ("", "_plain") for s in A.QUESTION_SETS]
+ALL_TASKS = QUESTION_TASKS + ["ucla_vat", "ucla_vat_plain"] + [f"analogy_completion_{s}" for s in A.COMPLETION_SETS]
+SAT_QUESTION = {"stem": ["ostrich", "bird"], "choice": [["lion", "cat"], ["goose", "flock"], ["cub", "bear"]], "answer": 0}
+GREEN_PROBLEM = {"a": "hot", "b": "cold", "c": "up", "responses": {"down": 5, "low": 1}}
+
+
+def _tasks(data_dir):
+    from lm_eval.tasks import TaskManager
+
+    # include_defaults=False: indexing lm-eval's own ~10k task files would take ~10 s per call
+    return TaskManager(include_path=str(ffv_eval.TASKS_DIR), include_defaults=False,
+                       metadata={"data_dir": str(data_dir)})
+
+
+@pytest.fixture
+def full_data(shared_data, tmp_path):
+    """The shared data plus small hand-made SAT and Green files (not public), so every task loads."""
+    root = tmp_path / "data"
+    (root / A.QUESTIONS_SUBDIR / "sat").mkdir(parents=True)
+    (root / A.COMPLETION_SUBDIR).mkdir()
+    for name in ("u2", "u4", "bats", "google"):
+        (root / A.QUESTIONS_SUBDIR / name).symlink_to(shared_data / A.QUESTIONS_SUBDIR / name)
+    for name in ("kmiecik", "semeval"):
+        (root / A.COMPLETION_SUBDIR / f"{name}.jsonl").symlink_to(shared_data / A.COMPLETION_SUBDIR / f"{name}.jsonl")
+    (root / "ucla_vat").symlink_to(shared_data / "ucla_vat")
+    for split in A.QUESTION_SPLITS:
+        (root / A.QUESTIONS_SUBDIR / "sat" / f"{split}.jsonl").write_text(json.dumps(SAT_QUESTION) + "\n")
+    (root / A.COMPLETION_SUBDIR / "green.jsonl").write_text(json.dumps(GREEN_PROBLEM) + "\n")
+    return root
+
+
+# -- loaders on the real files -------------------------------------------------------------------
+@pytest.mark.parametrize("name,total", [("u2", 252), ("u4", 480), ("bats", 1998), ("google", 550)])
+def test_analogy_questions_are_read_with_the_published_counts(shared_data, name, total):
+    splits = {s: A.load_analogy_questions(name, s, shared_data) for s in A.QUESTION_SPLITS}
+    assert sum(map(len, splits.values())) == total and len(splits["valid"]) < len(splits["test"])
+    for q in splits["test"]:
+        assert len(q["stem"]) == 2 and 0 <= q["answer"] < len(q["choice"]) and all(len(p) == 2 for p in q["choice"])
+
+
+def test_data_dir_comes_from_the_environment(shared_data, monkeypatch):
+    monkeypatch.setenv("FFV_DATA_DIR", str(shared_data))
+    assert len(A.load_analogy_questions("u2", "valid")) == 24
+    assert len(A.load_ucla_vat()) == 80
+
+
+def test_ucla_vat_carries_the_relation_down(shared_data):
+    problems = A.load_ucla_vat(shared_data)
+    assert len(problems) == 80
+    assert Counter(p["relation"] for p in problems) == {
+        "Synonym": 20, "Opposite": 20, "Function": 20, "Category Members": 20}
+    assert problems[0] == {"relation": "Synonym", "a": "easy", "b": "simple", "c": "sad", "d": "unhappy", "d_prime": "happy"}
+    assert problems[1]["relation"] == "Synonym" and problems[-1]["relation"] == "Category Members"
+
+
+@pytest.mark.parametrize("name,total", [("kmiecik", 183), ("semeval", 588)])
+def test_analogy_completion_is_read_with_the_published_counts(shared_data, name, total):
+    problems = A.load_analogy_completion(name, shared_data)
+    assert len(problems) == total
+    assert all(p["a"] and p["b"] and p["c"] and sum(p["responses"].values()) > 0 for p in problems)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def _write_questions(root, name, split, *lines):
+    folder = root / A.QUESTIONS_SUBDIR / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+GOOD = json.dumps(SAT_QUESTION)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"stem": ["a", "b"], "choice": [["c", "d"]', r"u2/test.jsonl: line 2: malformed JSON"),
+    ('["a", "b"]', r"line 2: expected a JSON object"),
+    (json.dumps({**SAT_QUESTION, "stem": ["a"]}), r"line 2: field 'stem' must be two non-empty strings"),
+    (json.dumps({**SAT_QUESTION, "stem": ["a", 3]}), r"line 2: field 'stem' must be two"),
+    (json.dumps({**SAT_QUESTION, "choice": [["c", "d"]]}), r"line 2: field 'choice' must be a list of at least two"),
+    (json.dumps({**SAT_QUESTION, "choice": [["c", "d"], ["e"]]}), r"line 2: field 'choice' item 1 must be two"),
+    (json.dumps({**SAT_QUESTION, "answer": 3}), r"line 2: field 'answer' must be an int index into the 3 choices \(0-2\), got 3"),
+    (json.dumps({**SAT_QUESTION, "answer": -1}), r"line 2: field 'answer' must be an int index"),
+    (json.dumps({**SAT_QUESTION, "answer": "1"}), r"line 2: field 'answer' must be an int index.*got '1'"),
+    (json.dumps({**SAT_QUESTION, "answer": True}), r"line 2: field 'answer' must be an int index"),
+    (json.dumps({k: v for k, v in SAT_QUESTION.items() if k != "answer"}), r"line 2: field 'answer'.*got None"),
+])
+def test_bad_analogy_questions_name_file_line_and_field(tmp_path, bad, message):
+    _write_questions(tmp_path, "u2", "test", GOOD, bad)
+    with pytest.raises(A.AnalogyDataError, match=message):
+        A.load_analogy_questions("u2", "test", tmp_path)
+    assert issubclass(A.AnalogyDataError, ValueError)
+
+
+def test_missing_or_empty_analogy_files_say_where_to_put_them(tmp_path):
+    with pytest.raises(A.AnalogyDataError, match=rf"no file {tmp_path}/analogy_questions/sat/valid.jsonl; "
+                                                 rf"put sat/valid.jsonl in the analogy_questions format .* into {tmp_path}/analogy_questions/sat/"):
+        A.load_analogy_questions("sat", "valid", tmp_path)
+    with pytest.raises(A.AnalogyDataError, match=rf"no file {tmp_path}/ucla_vat/UCLA_VAT.csv; put UCLA_VAT.csv"):
+        A.load_ucla_vat(tmp_path)
+    with pytest.raises(A.AnalogyDataError, match=rf"put green.jsonl in the analogy_completion format .* into {tmp_path}/analogy_completion/"):
+        A.load_analogy_completion("green", tmp_path)
+    _write_questions(tmp_path, "u4", "test", "", "  ")
+    with pytest.raises(A.AnalogyDataError, match=r"u4/test.jsonl: no questions in the file"):
+        A.load_analogy_questions("u4", "test", tmp_path)
+    with pytest.raises(A.AnalogyDataError, match=r"unknown analogy question set 'sat2' \(known: sat, u2"):
+        A.load_analogy_questions("sat2", "test", tmp_path)
+    with pytest.raises(A.AnalogyDataError, match=r"unknown analogy question split 'validation'"):
+        A.load_analogy_questions("u2", "validation", tmp_path)
+    with pytest.raises(A.AnalogyDataError, match=r"unknown analogy completion set 'gren'"):
+        A.load_analogy_completion("gren", tmp_path)
+
+
+def test_no_data_directory_says_how_to_give_one(monkeypatch):
+    real_check = A._hub_reachable
+    monkeypatch.setattr(A, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(A.AnalogyDataError, match=r"analogy questions 'u2' \(test\): no data directory given; set FFV_DATA_DIR=<dir> "
+                                                 r"or pass lm-eval --metadata '\{\"data_dir\": \"<dir>\"\}' with "
+                                                 r"analogy_questions/u2/test.jsonl under <dir> \(the Hugging Face hub dataset "
+                                                 r"relbert/analogy_questions is not reachable\)"):
+        A.load_analogy_questions("u2", "test")
+    with pytest.raises(A.AnalogyDataError, match=r"UCLA VAT: no data directory given; set FFV_DATA_DIR.*ucla_vat/UCLA_VAT.csv under <dir>"):
+        A.load_ucla_vat()
+    with pytest.raises(A.AnalogyDataError, match=r"analogy completion 'kmiecik': no data directory given.*analogy_completion/kmiecik.jsonl"):
+        A.load_analogy_completion("kmiecik", "")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the real check: offline mode answers without the network
+    assert real_check() is False
+
+
+UCLA_HEADER = "Relation,A,B,C,D,D'"
+
+
+@pytest.mark.parametrize("lines,message", [
+    (["Relation,A,B,C,D", "Synonym,a,b,c,d"], r"UCLA_VAT.csv: line 1: expected the header Relation,A,B,C,D,D'"),
+    ([], r"UCLA_VAT.csv: line 1: expected the header.*an empty file"),
+    ([UCLA_HEADER, ",easy,simple,sad,unhappy,happy"], r"line 2: field 'Relation' is empty and no earlier row names one"),
+    ([UCLA_HEADER, "Synonym,easy,simple,sad,unhappy,happy", ",hurry,rush,harm,injure"], r"line 3: expected 6 columns, got 5"),
+    ([UCLA_HEADER, "Synonym,easy,simple,sad,unhappy,happy", ",hurry,rush,harm,,help"], r"line 3: field 'D' is empty"),
+    ([UCLA_HEADER, "Synonym,easy,simple,sad,unhappy,"], r"line 2: field 'D'' is empty"),
+    ([UCLA_HEADER, ",,,,,"], r"UCLA_VAT.csv: no problems in the file"),
+])
+def test_bad_ucla_vat_names_file_line_and_field(tmp_path, lines, message):
+    (tmp_path / "ucla_vat").mkdir()
+    (tmp_path / "ucla_vat" / "UCLA_VAT.csv").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(A.AnalogyDataError, match=message):
+        A.load_ucla_vat(tmp_path)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"a": "x", "b": "y", "c": "z", "responses": {"w": 1}', r"kmiecik.jsonl: line 2: malformed JSON"),
+    (json.dumps({**GREEN_PROBLEM, "c": ""}), r"line 2: field 'c' must be a non-empty string"),
+    (json.dumps({k: v for k, v in GREEN_PROBLEM.items() if k != "b"}), r"line 2: field 'b' must be a non-empty string, got None"),
+    (json.dumps({**GREEN_PROBLEM, "responses": {}}), r"line 2: field 'responses' must be a non-empty object"),
+    (json.dumps({**GREEN_PROBLEM, "responses": ["down"]}), r"line 2: field 'responses' must be a non-empty object"),
+    (json.dumps({**GREEN_PROBLEM, "responses": {"down": 0}}), r"line 2: field 'responses': count of 'down' must be a positive int"),
+    (json.dumps({**GREEN_PROBLEM, "responses": {"down": 2.5}}), r"line 2: field 'responses': count of 'down'"),
+])
+def test_bad_analogy_completion_names_file_line_and_field(tmp_path, bad, message):
+    (tmp_path / "analogy_completion").mkdir()
+    (tmp_path / "analogy_completion" / "kmiecik.jsonl").write_text(json.dumps(GREEN_PROBLEM) + "\n" + bad + "\n")
+    with pytest.raises(A.AnalogyDataError, match=message):
+        A.load_analogy_completion("kmiecik", tmp_path)
+
+
+# -- scoring -------------------------------------------------------------------------------------
+def test_responses_are_ranked_without_skips_ties_alphabetical():
+    ranked = A.ranked_responses({"skip": 9, "Paint": 2, "brush": 4, "hair": 4, ", paint": 1, "picture books": 3})
+    assert ranked == [("brush", 4), ("hair", 4), ("paint", 3), ("picture books", 3)]
+
+
+@pytest.mark.parametrize("generation,top,share", [
+    (" brush", 1.0, 4 / 14), (" Brush, then", 1.0, 4 / 14), (" hair\n", 0.0, 4 / 14), (" brushes", 0.0, 0.0),
+    (" picture books and", 0.0, 3 / 14), (" picture", 0.0, 0.0), ("", 0.0, 0.0), (" skip", 0.0, 0.0),
+])
+def test_completion_scores(generation, top, share):
+    answers, counts = zip(*A.ranked_responses({"skip": 9, "brush": 4, "hair": 4, "paint": 3, "picture books": 3}))
+    scores = A.completion_scores(generation, list(answers), list(counts))
+    assert scores == {"top_answer": top, "human_share": pytest.approx(share)}
+    doc = {"answers": list(answers), "counts": list(counts)}
+    assert A.process_completion_results(doc, [generation]) == scores
+    assert A.completion_scores(" x", [], []) == {"top_answer": 0.0, "human_share": 0.0}
+
+
+# -- the lm-eval tasks ---------------------------------------------------------------------------
+def test_every_analogy_task_loads_and_builds_its_requests(full_data):
+    loaded = _tasks(full_data).load(["analogies"])
+    assert sorted(loaded["tasks"]) == sorted(ALL_TASKS)
+    assert sorted(loaded["group_map"]["analogies"]) == sorted(ALL_TASKS)
+    sizes = {}
+    for name, task in loaded["tasks"].items():
+        task.build_all_requests(limit=1, rank=0, world_size=1)
+        doc = task.instances[0].doc
+        sizes[name] = len(task.test_docs())
+        if task.OUTPUT_TYPE == "multiple_choice":
+            assert [i.request_type for i in task.instances] == ["loglikelihood"] * len(doc["choices"]), name
+        else:
+            assert [i.request_type for i in task.instances] == ["generate_until"], name
+    assert sizes["u2_analogy"] == sizes["u2_analogy_plain"] == 228 and sizes["bats_analogy"] == 1799
+    assert sizes["ucla_vat"] == 80 and sizes["analogy_completion_semeval"] == 588 and sizes["sat_analogy"] == 1
+    assert len(loaded["tasks"]["u2_analogy"].validation_docs()) == 24
+
+
+def _requests(task_manager, name):
+    task = task_manager.load([name])["tasks"][name]
+    task.build_all_requests(limit=1, rank=0, world_size=1)
+    return task.instances[0].doc, [i.args for i in task.instances]
+
+
+def test_u2_prompts_of_both_templates(shared_data):
+    tm = _tasks(shared_data)
+    # first U2 test question: lie : prevaricate :: waver : falter (answer 2)
+    doc, args = _requests(tm, "u2_analogy")
+    assert (doc["a"], doc["b"], doc["answer"]) == ("lie", "prevaricate", 2)
+    assert args == [
+        ("Q: lie\nA: prevaricate\n\n", "Q: betray\nA: trust"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: philander\nA: donate"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: waver\nA: falter"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: deride\nA: praise"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: corroborate\nA: doubt"),
+    ]
+    _, args = _requests(tm, "u2_analogy_plain")
+    assert args == [
+        ("lie is to prevaricate as", " betray is to trust"),
+        ("lie is to prevaricate as", " philander is to donate"),
+        ("lie is to prevaricate as", " waver is to falter"),
+        ("lie is to prevaricate as", " deride is to praise"),
+        ("lie is to prevaricate as", " corroborate is to doubt"),
+    ]
+    doc, args = _requests(tm, "ucla_vat")
+    assert doc["answer"] == 0 and doc["relation"] == "Synonym"
+    assert args == [("Q: easy\nA: simple\n\n", "Q: sad\nA: unhappy"), ("Q: easy\nA: simple\n\n", "Q: sad\nA: happy")]
+    _, args = _requests(tm, "ucla_vat_plain")
+    assert args == [("easy is to simple as", " sad is to unhappy"), ("easy is to simple as", " sad is to happy")]
+    doc, args = _requests(tm, "analogy_completion_kmiecik")
+    assert args[0][0] == "Q: assistant\nA: laboratory\n\nQ: receptionist\nA:"
+    assert args[0][1]["until"] == ["\n"] and args[0][1]["max_gen_toks"] == 8
+    assert doc["answers"][0] == "office" and doc["counts"][0] == 24 and "skip" not in doc["answers"]
+
+
+def test_sat_task_without_sat_files_says_where_to_put_them(shared_data, tmp_path):
+    _write_questions(tmp_path, "u2", "test", GOOD)  # a data directory without sat/
+    with pytest.raises(A.AnalogyDataError, match=rf"put sat/test.jsonl in the analogy_questions format .* into {tmp_path}/analogy_questions/sat/"):
+        _tasks(tmp_path).load(["sat_analogy"])
+
+
+# -- the real model, kept small ------------------------------------------------------------------
+@pytest.fixture
+def one_torch_thread():
+    """On this shared 2-core machine two torch threads next to other CPU jobs make each forward
+    pass ~7x slower; one thread keeps the run short."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_u2_on_gemma_hf_equals_ffv_patched_and_completion_runs(shared_data, one_torch_thread):
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
+    from ffv_eval.model_loading import resolve_pretrained
+
+    tm = _tasks(shared_data)
+    runs = {}
+    hf = get_model("hf").create_from_arg_string(f"pretrained={resolve_pretrained('gemma-3-270m')},device=cpu")
+    runs["hf"] = lm_eval.simple_evaluate(model=hf, tasks=["u2_analogy"], limit=4, task_manager=tm, bootstrap_iters=0)
+    del hf
+    ffv = get_model("ffv-patched").create_from_arg_string("pretrained=gemma-3-270m,device=cpu")
+    runs["ffv"] = lm_eval.simple_evaluate(model=ffv, tasks=["u2_analogy"], limit=4, task_manager=tm, bootstrap_iters=0)
+    hf_res, ffv_res = (runs[k]["results"]["u2_analogy"] for k in ("hf", "ffv"))
+    assert hf_res["acc,none"] == ffv_res["acc,none"] and hf_res["acc_norm,none"] == ffv_res["acc_norm,none"]
+    lls = {k: [s["filtered_resps"] for s in runs[k]["samples"]["u2_analogy"]] for k in runs}
+    assert len(lls["hf"]) == 4
+    for a, b in zip(lls["hf"], lls["ffv"]):
+        assert [ll for ll, _ in a] == pytest.approx([ll for ll, _ in b], abs=1e-4)
+
+    out = lm_eval.simple_evaluate(model=ffv, tasks=["analogy_completion_kmiecik"], limit=2, task_manager=tm,
+                                  bootstrap_iters=0)
+    res = out["results"]["analogy_completion_kmiecik"]
+    assert res["sample_len"] == 2
+    assert 0.0 <= res["top_answer,none"] <= 1.0 and 0.0 <= res["human_share,none"] <= 1.0
