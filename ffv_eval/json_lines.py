@@ -1,4 +1,4 @@
-"""Reading JSON-lines data files with errors that name the file and line."""
+"""Reading JSON and JSON-lines files with errors that name the file and line."""
 
 from __future__ import annotations
 
@@ -20,3 +20,11 @@ def json_line_objects(path: Path, error: type[Exception] = ValueError) -> Iterat
         if not isinstance(obj, dict):
             raise error(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
+
+
+def json_document(path: Path, error: type[Exception] = ValueError):
+    """The JSON value of a whole file; `error`, naming the file and line, if it is malformed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: line {err.lineno}: malformed JSON ({err.msg})") from err

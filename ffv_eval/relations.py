@@ -5,14 +5,13 @@ deterministically into train / validation / test."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from ffv_eval import TASKS_DIR
-from ffv_eval.json_lines import json_line_objects
+from ffv_eval.json_lines import json_document, json_line_objects
 
 PAIRS_DIR = TASKS_DIR / "relations" / "pairs"
 TODD_SUBDIR = Path("function_vectors") / "abstractive"
@@ -87,13 +86,8 @@ def read_pairs(path: Path, keep_repeated_inputs: bool = False) -> list[WordPair]
     """Read a .jsonl (one object a line) or .json (a list of objects) file of word pairs. A
     repeated input keeps its first answer unless keep_repeated_inputs (for callers that
     refuse duplicates themselves)."""
-    text = path.read_text(encoding="utf-8")
-    pairs: list[WordPair] = []
     if path.suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise RelationDataError(f"{path}: line {err.lineno}: malformed JSON ({err.msg})") from err
+        items = json_document(path, RelationDataError)
         if not isinstance(items, list):
             raise RelationDataError(f"{path}: expected a JSON list of {{input, output}} objects")
         pairs = [_pair_from(obj, f"{path}: item {i}") for i, obj in enumerate(items)]

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ffv_eval import VECTORS_DIR
+from ffv_eval.json_lines import json_document
 
 FORMAT = "ffv-eval/vector/1"
 KINDS = ("fv", "ffv", "ffv-random")
@@ -89,10 +90,7 @@ def load_vector(path: str | os.PathLike) -> StoredVector:
         raise VectorFileError(f"vector file {path} does not exist")
     if not side.exists():
         raise VectorFileError(f"{path}: metadata sidecar {side} is missing")
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise VectorFileError(f"{side}: line {err.lineno}: malformed JSON ({err.msg})") from err
+    meta = json_document(side, VectorFileError)
     if not isinstance(meta, dict):
         raise VectorFileError(f"{side}: expected a JSON object")
     _check_metadata(meta, side)
