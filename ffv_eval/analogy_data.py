@@ -19,7 +19,6 @@ Loaders return lists of plain dicts; every problem with a file is a ValueError s
 from __future__ import annotations
 
 import csv
-import json
 import os
 import socket
 from pathlib import Path

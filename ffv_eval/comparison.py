@@ -4,12 +4,11 @@ patched in, and with k-shot prompting, all through lm-eval, and print the compar
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from ffv_eval import TASKS_DIR
+from ffv_eval.atomic_files import atomic_write_text
 from ffv_eval.relations import HEADLINE_RELATIONS, load_relation, project_relations
 from ffv_eval.vector_store import KINDS, VectorFileError, shipped_path
 
@@ -61,23 +60,11 @@ def compare_conditions(model: str = "gemma-3-270m", relations=None, limit=None, 
     table = format_table(report)
     print(table)
     if output:
-        _write_atomically(Path(output), json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(output), json.dumps(report, indent=2) + "\n")
     if markdown:
         regenerate = f"\n\nRegenerate with:\n\n```bash\n{command}\n```\n" if command else "\n"
-        _write_atomically(Path(markdown), f"# {model}: relation completion\n\n{table}{regenerate}")
+        atomic_write_text(Path(markdown), f"# {model}: relation completion\n\n{table}{regenerate}")
     return report
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_table(report: dict) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ffv_eval.atomic_files import atomic_write
 
 
 def save_indirect_effect_heatmap(aie: torch.Tensor, path: str | os.PathLike, title: str, chosen=()) -> Path:
@@ -29,15 +30,8 @@ def save_indirect_effect_heatmap(aie: torch.Tensor, path: str | os.PathLike, tit
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="average indirect effect")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     finally:
         plt.close(fig)
     return path

@@ -61,8 +61,8 @@ def extract_and_save(
     progress(f"[ffv] loading {model_name}")
     model, tokenizer = load_model_and_tokenizer(model_name)
     patcher = Patcher(model)
-    torch.set_grad_enabled(False)
-    result = extract_function_vector(patcher, tokenizer, relation, settings, progress=lambda m: progress(f"[ffv] {m}"))
+    with torch.no_grad():
+        result = extract_function_vector(patcher, tokenizer, relation, settings, progress=lambda m: progress(f"[ffv] {m}"))
     seconds = time.perf_counter() - t
 
     metadata = {

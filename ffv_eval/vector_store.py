@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ffv_eval import VECTORS_DIR
+from ffv_eval.atomic_files import atomic_write, atomic_write_text
 from ffv_eval.json_lines import json_document
 
 FORMAT = "ffv-eval/vector/1"
@@ -38,18 +38,6 @@ def sidecar_path(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_vector(path: str | os.PathLike, vector: torch.Tensor, metadata: dict, force: bool = False) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -62,8 +50,8 @@ def save_vector(path: str | os.PathLike, vector: torch.Tensor, metadata: dict, f
     tensor = vector.detach().float().cpu().contiguous().view(-1)
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     # The sidecar goes last: a vector without a sidecar is never loaded.
-    _atomic_write(path, lambda tmp: save_file({"vector": tensor}, tmp))
-    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: save_file({"vector": tensor}, tmp))
+    atomic_write_text(sidecar_path(path), text)
     return path
 
 
