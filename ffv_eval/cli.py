@@ -50,6 +50,40 @@ def _compare(args) -> None:
                        markdown=args.markdown, command="ffv " + " ".join(sys.argv[1:]))
 
 
+def _check(args) -> int:
+    from ffv_eval.quality_gate import Tolerances, run_check
+
+    tolerances = Tolerances(args.max_accuracy_drop, args.max_gain_drop, args.max_decoding_hit_drop, args.max_movement)
+    return run_check(args.model, args.vectors, args.baseline, args.kinds, tolerances, args.update_baseline)
+
+
+def _basis_build(args) -> None:
+    from ffv_eval.basis import BasisSettings
+    from ffv_eval.composite import MapSettings
+    from ffv_eval.composite_jobs import build_basis_and_map
+
+    build_basis_and_map(args.model, args.data_dir, args.sources, args.out, args.force,
+                        BasisSettings(steps=args.steps, relations_per_pass=args.relations_per_pass),
+                        MapSettings(steps=args.map_steps, analogies_per_relation=args.analogies_per_relation),
+                        args.max_relations)
+
+
+def _compose(args) -> None:
+    from ffv_eval.composite_jobs import explain_pairs
+
+    explain_pairs(args.pair, args.model, args.basis, args.top)
+
+
+def _leaderboard(args) -> None:
+    from ffv_eval.leaderboard import leaderboard_command
+
+    prefix = args.out_prefix
+    leaderboard_command(args.results_dirs, args.markdown or f"{prefix}.md", args.csv or f"{prefix}.csv",
+                        args.html or f"{prefix}.html", allow_mixed_versions=args.allow_mixed_versions,
+                        run_models=args.run_models, tasks=args.tasks, conditions=args.conditions, limit=args.limit,
+                        batch_size=args.batch_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +145,59 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shipped vectors to patch in, one condition each (default: every kind shipped for all the relations)")
     p.add_argument("--markdown", help="also write the table, with the command that regenerates it, as Markdown here")
     p.set_defaults(run=_compare)
+
+    p = sub.add_parser("leaderboard", help="one table (model x condition x task) of lm-eval results files, as Markdown, CSV and HTML")
+    p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
+                   help="directories searched for lm-eval results_*.json (or such files); with --run, new runs go to the first")
+    p.add_argument("--out-prefix", default="leaderboard", help="default for the three outputs: PREFIX.md, PREFIX.csv, PREFIX.html")
+    p.add_argument("--markdown", help="Markdown output (default: PREFIX.md)")
+    p.add_argument("--csv", help="CSV output, one row per model, condition and task (default: PREFIX.csv)")
+    p.add_argument("--html", help="self-contained HTML page with plots (default: PREFIX.html)")
+    p.add_argument("--allow-mixed-versions", action="store_true", help="show runs of different task versions side by side")
+    p.add_argument("--run", nargs="+", metavar="MODEL", dest="run_models", help="first run the missing lm-eval evaluations of these models")
+    p.add_argument("--tasks", nargs="+", help="tasks for --run (relations / relations_all expand to relation_<name>)")
+    p.add_argument("--conditions", nargs="+", default=["unpatched", "fv", "ffv", "10-shot"],
+                   help="for --run: unpatched, <k>-shot, a vector kind (fv, ffv, ffv-random: each relation's own), "
+                        "or <kind>:<relation> (one vector for all tasks)")
+    p.add_argument("--limit", type=int, default=None, help="for --run: test examples per task")
+    p.add_argument("--batch-size", type=int, default=16, help="for --run")
+    p.set_defaults(run=_leaderboard)
+
+    p = sub.add_parser("check", help="CI gate: compare vector quality with a baseline file (exit 1 on a regression)")
+    p.add_argument("vectors", nargs="*", help=".safetensors files (default: the model's shipped vectors of --kinds)")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--baseline", help="baseline file (default: vectors/<model>/quality-baseline.json)")
+    p.add_argument("--kinds", nargs="+", default=["fv", "ffv"], choices=["fv", "ffv", "ffv-random"],
+                   help="shipped vector kinds checked when no files are given")
+    p.add_argument("--update-baseline", action="store_true", help="measure and write the baseline instead of checking")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.04, help="absolute drop in test accuracy allowed")
+    p.add_argument("--max-gain-drop", type=float, default=0.04, help="absolute drop in gain over zero-shot allowed")
+    p.add_argument("--max-decoding-hit-drop", type=int, default=2, help="drop in answer tokens among the top 20 allowed")
+    p.add_argument("--max-movement", type=float, default=0.05, help="relative L2 distance from the baseline vector allowed")
+    p.set_defaults(run=_check)
+
+    p = sub.add_parser("basis", help="the basis of composite function vectors")
+    basis_sub = p.add_subparsers(dest="basis_command", required=True)
+    p = basis_sub.add_parser("build", help="train the missing basis FFVs and fit the composite map")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--data-dir", help="add every relation found here (default: $FFV_DATA_DIR; without one, the project's relations only)")
+    p.add_argument("--sources", nargs="+", choices=["project", "todd", "bats", "google", "semeval"],
+                   help="relation sources (default: all found)")
+    p.add_argument("--out", help="basis directory (default: $FFV_CACHE_DIR/basis/<model>)")
+    p.add_argument("--steps", type=int, default=60, help="training steps per basis FFV")
+    p.add_argument("--relations-per-pass", type=int, default=16, help="relations trained together in one forward pass")
+    p.add_argument("--map-steps", type=int, default=150, help="steps fitting the affine map")
+    p.add_argument("--analogies-per-relation", type=int, default=4, help="training analogies drawn per basis relation")
+    p.add_argument("--max-relations", type=int, help="use only the first N relations (for quick trials)")
+    p.add_argument("--force", action="store_true", help="retrain every basis FFV")
+    p.set_defaults(run=_basis_build)
+
+    p = sub.add_parser("compose", help="show the top basis relations and weights of the CFV for a pair")
+    p.add_argument("--pair", nargs="+", required=True, help="source pairs a:b")
+    p.add_argument("--basis", help="basis directory (default: $FFV_CACHE_DIR/basis/<model>)")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--top", type=int, default=10)
+    p.set_defaults(run=_compose)
     return parser
 
 
@@ -119,11 +206,11 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except (ValueError, FileNotFoundError, DivergedTraining) as err:  # our errors name the file, field or line
         print(f"ffv: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -72,40 +72,81 @@ def train_function_vector(
     settings: TrainingSettings = TrainingSettings(),
     progress: Callable[[str], None] = lambda message: None,
 ) -> TrainingResult:
+    """One relation's FFV (see train_function_vectors)."""
+    return train_function_vectors(patcher, tokenizer, [pairs], layer, initial[None], settings, progress)[0]
+
+
+def train_function_vectors(
+    patcher: Patcher,
+    tokenizer,
+    pair_lists: Sequence[Sequence[WordPair]],
+    layer: int,
+    initials: torch.Tensor,
+    settings: TrainingSettings = TrainingSettings(),
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[TrainingResult]:
+    """FFVs of several relations at once: one forward pass per step carries settings.batch_size
+    prompts of every relation, each row patched with its own relation's vector. Every vector
+    has its own Adam state, learning rate, sampling order and loss term, so the result for a
+    relation is what training it alone would give (up to float rounding in batched kernels)."""
     if settings.init not in ("fv", "random"):
         raise ValueError(f"--init must be 'fv' or 'random', got {settings.init!r}")
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    v0 = initial.float() if settings.init == "fv" else random_like(initial.float(), settings.seed)
-    vector = v0.clone().requires_grad_(True)
-    scale = float(v0.norm() / math.sqrt(v0.numel()))
-    optimizer = torch.optim.Adam([vector], lr=settings.learning_rate * scale)
-    prompts = encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
-    order: list[int] = []
-    losses = []
+    n_relations = len(pair_lists)
+    starts = [v.float() if settings.init == "fv" else random_like(v.float(), settings.seed) for v in initials]
+    vectors = [v0.clone().requires_grad_(True) for v0 in starts]
+    optimizer = torch.optim.Adam(
+        [{"params": [v], "lr": settings.learning_rate * float(v0.norm() / math.sqrt(v0.numel()))} for v, v0 in zip(vectors, starts)]
+    )
+    prompts = [encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs]) for pairs in pair_lists]
+    samplers = [_Sampler(len(pairs), settings.seed) for pairs in pair_lists]
+    losses: list[list[float]] = [[] for _ in range(n_relations)]
     with torch.enable_grad():
         for step in range(settings.steps):
-            batch = []
-            while len(batch) < settings.batch_size:
-                if not order:
-                    order = list(range(len(pairs)))
-                    rng.shuffle(order)
-                batch.append(order.pop())
-            ids, mask, last = right_pad([prompts.input_ids[i] for i in batch], pad_id_of(tokenizer))
-            hidden = patcher.final_hidden(ids, mask, layer=layer, vector=vector, positions=last)
-            logits = patcher.adapter.unembed(hidden[torch.arange(len(batch)), last]).float()
-            answers = torch.tensor([prompts.answer_ids[i] for i in batch])
-            loss = F.cross_entropy(logits, answers) + settings.l2 * (vector.norm() / v0.norm()) ** 2
-            if not torch.isfinite(loss):
-                raise DivergedTraining(f"training diverged at step {step + 1}: loss is {loss.item()} (try a lower learning rate)")
+            rows = [(r, i) for r in range(n_relations) for i in samplers[r].take(settings.batch_size)]
+            ids, mask, last = right_pad([prompts[r].input_ids[i] for r, i in rows], pad_id_of(tokenizer))
+            which = torch.tensor([r for r, _ in rows])
+            hidden = patcher.final_hidden(ids, mask, layer=layer, vector=torch.stack(vectors)[which], positions=last)
+            logits = patcher.adapter.unembed(hidden[torch.arange(len(rows)), last]).float()
+            answers = torch.tensor([prompts[r].answer_ids[i] for r, i in rows])
+            per_row = F.cross_entropy(logits, answers, reduction="none").view(n_relations, settings.batch_size)
+            per_relation = per_row.mean(dim=1) + settings.l2 * torch.stack(
+                [(v.norm() / v0.norm()) ** 2 for v, v0 in zip(vectors, starts)])
+            if not torch.isfinite(per_relation).all():
+                bad = int((~torch.isfinite(per_relation)).nonzero()[0])
+                raise DivergedTraining(f"training diverged at step {step + 1} (relation {bad + 1} of {n_relations}): "
+                                       f"loss is {per_relation[bad].item()} (try a lower learning rate)")
             optimizer.zero_grad()
-            loss.backward()
+            per_relation.sum().backward()
             optimizer.step()
-            losses.append(loss.item())
+            for r in range(n_relations):
+                losses[r].append(per_relation[r].item())
             if (step + 1) % 10 == 0 or step + 1 == settings.steps:
-                progress(f"step {step + 1}/{settings.steps}: loss {sum(losses[-10:]) / len(losses[-10:]):.3f}, |v| {vector.norm():.0f}")
-    result = vector.detach().clone()
-    if not torch.isfinite(result).all():
-        raise DivergedTraining("training produced a non-finite vector")
-    return TrainingResult(result, v0, losses, time.perf_counter() - start)
+                recent = [sum(l[-10:]) / len(l[-10:]) for l in losses]
+                progress(f"step {step + 1}/{settings.steps}: loss {sum(recent) / n_relations:.3f}"
+                         + (f", |v| {vectors[0].norm():.0f}" if n_relations == 1 else f" (mean of {n_relations} relations)"))
+    seconds = time.perf_counter() - start
+    results = []
+    for v, v0, relation_losses in zip(vectors, starts, losses):
+        result = v.detach().clone()
+        if not torch.isfinite(result).all():
+            raise DivergedTraining("training produced a non-finite vector")
+        results.append(TrainingResult(result, v0, relation_losses, seconds / n_relations))
+    return results
+
+
+class _Sampler:
+    """Shuffled passes over a relation's pairs, its own seeded order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.rng, self.order = n, random.Random(seed), []
+
+    def take(self, k: int) -> list[int]:
+        batch = []
+        while len(batch) < k:
+            if not self.order:
+                self.order = list(range(self.n))
+                self.rng.shuffle(self.order)
+            batch.append(self.order.pop())
+        return batch

@@ -180,7 +180,7 @@ def assemble_vector(patcher: Patcher, mean_heads: torch.Tensor, heads: Sequence[
 
 
 @torch.no_grad()
-def first_token_scores(
+def answer_scores(
     patcher: Patcher,
     tokenizer,
     pairs: Sequence[WordPair],
@@ -189,24 +189,30 @@ def first_token_scores(
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-shot `Q: x\nA:` prompts with each of `vectors` [V, hidden] added after block
-    `layer` at the last prompt token (or none, V = 1): per vector, the share of prompts whose
-    most likely next token is the answer's first token, and the answer's mean log-probability."""
+    `layer` at the last prompt token (or none, V = 1): per vector and pair [V, N], whether the
+    most likely next token is the answer's first token, and that token's log-probability."""
     prompts = encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
     n_vectors = 1 if vectors is None else vectors.shape[0]
     rows = [(v, i) for v in range(n_vectors) for i in range(len(pairs))]  # every vector x every prompt
-    hits = torch.zeros(n_vectors)
-    logprob = torch.zeros(n_vectors)
+    hits = torch.zeros(len(rows))
+    logprob = torch.zeros(len(rows))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         ids, mask, last = right_pad([prompts.input_ids[i] for _, i in chunk], pad_id_of(tokenizer))
-        which = torch.tensor([v for v, _ in chunk])
-        vector = None if vectors is None else vectors[which]
+        vector = None if vectors is None else vectors[torch.tensor([v for v, _ in chunk])]
         hidden = patcher.final_hidden(ids, mask, layer=layer, vector=vector, positions=last)
         logits = patcher.adapter.unembed(hidden[torch.arange(len(last)), last]).float()
         answers = torch.tensor([prompts.answer_ids[i] for _, i in chunk])
-        hits.index_add_(0, which, (logits.argmax(-1) == answers).float())
-        logprob.index_add_(0, which, logits.log_softmax(-1)[torch.arange(len(chunk)), answers])
-    return hits / len(pairs), logprob / len(pairs)
+        hits[start : start + len(chunk)] = (logits.argmax(-1) == answers).float()
+        logprob[start : start + len(chunk)] = logits.log_softmax(-1)[torch.arange(len(chunk)), answers]
+    return hits.view(n_vectors, len(pairs)), logprob.view(n_vectors, len(pairs))
+
+
+def first_token_scores(patcher, tokenizer, pairs, layer=None, vectors=None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per vector: the share of prompts whose most likely next token is the answer's first
+    token, and the answer's mean log-probability (see answer_scores)."""
+    hits, logprob = answer_scores(patcher, tokenizer, pairs, layer, vectors, batch_size)
+    return hits.mean(dim=1), logprob.mean(dim=1)
 
 
 def first_token_accuracy(patcher, tokenizer, pairs, layer=None, vector=None) -> float:

@@ -1,0 +1,66 @@
+"""Benchmark: patched scoring against stock lm-eval. One lm-eval log-likelihood task at one batch
+size, in one process, side by side: `--model hf` (no vector), `ffv-patched` without a vector
+(scores must be identical), and `ffv-patched` with a vector. Prints the times, the ratio
+patched / hf (target <= 1.0) and peak memory.
+
+    FFV_DATA_DIR=../shared/data python bench/bench_scoring.py --task u2_analogy --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--task", default="u2_analogy")
+    parser.add_argument("--vector", default="antonym")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per condition (the fastest counts)")
+    args = parser.parse_args()
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.model_loading import resolve_pretrained
+
+    def score(lm):
+        best, out = None, None
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            out = lm_eval.simple_evaluate(model=lm, tasks=[args.task], limit=args.limit, log_samples=True, random_seed=0,
+                                          numpy_random_seed=0, torch_random_seed=0)
+            seconds = time.perf_counter() - t
+            best = seconds if best is None else min(best, seconds)
+        lls = [r[0][0] for s in out["samples"][args.task] for r in s["resps"]]
+        return best, out["results"][args.task], lls
+
+    hf = HFLM(pretrained=resolve_pretrained(args.model), device="cpu", batch_size=args.batch_size)
+    hf_s, hf_res, hf_ll = score(hf)
+    hf_mem = _peak_mib()
+    del hf
+    patched = FFVPatchedLM(pretrained=args.model, batch_size=args.batch_size)
+    plain_s, plain_res, plain_ll = score(patched)
+    patched.set_vector(args.vector)
+    vec_s, vec_res, _ = score(patched)
+    n = len(hf_ll)
+    print(f"{args.model}, task {args.task}, {n} log-likelihood requests, batch size {args.batch_size}, best of {args.repeats}")
+    print(f"hf, no vector:                   {hf_s:7.2f} s   acc {hf_res['acc,none']:.3f}   peak RSS {hf_mem:.0f} MiB")
+    print(f"ffv-patched, no vector:          {plain_s:7.2f} s   acc {plain_res['acc,none']:.3f}")
+    print(f"ffv-patched, vector {args.vector}:  {vec_s:7.2f} s   acc {vec_res['acc,none']:.3f}   peak RSS {_peak_mib():.0f} MiB")
+    print(f"ratio patched / hf: {vec_s / hf_s:.2f} (target <= 1.0); unpatched / hf: {plain_s / hf_s:.2f}")
+    print(f"max |log-likelihood difference| ffv-patched (no vector) vs hf: {max(abs(a - b) for a, b in zip(hf_ll, plain_ll)):.2e}; "
+          f"same acc: {hf_res['acc,none'] == plain_res['acc,none']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Every benchmark of the project, each in its own process (so each peak memory is its own),
+printed one after the other: causal mediation (cached scan vs the straightforward loop),
+patched scoring (ffv-patched vs --model hf) and FFV training (one relation vs many per pass).
+
+    FFV_DATA_DIR=../shared/data python bench/run_all.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = [
+    ("causal mediation", ["bench_mediation.py", "--prompts", "2"]),
+    ("patched scoring", ["bench_scoring.py", "--task", "u2_analogy", "--limit", "100"]),
+    ("FFV training", ["bench_training.py", "--relations", "8", "--steps", "30"]),
+]
+
+
+def main() -> int:
+    failed = 0
+    for title, (script, *args) in BENCHMARKS:
+        print(f"== {title}: {script} {' '.join(args)}", flush=True)
+        done = subprocess.run([sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE, text=True)
+        print(done.stdout.strip() or "(no output)", flush=True)
+        failed += done.returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Composite function vectors (CFV). For a source pair A:B, each basis FFV is scored by how well
+it maps A to B (log-probability of B's first token after `Q: A\\nA:` with the FFV added); the
+softmax over the basis is the posterior over relations. An affine map, fitted on training
+analogies, turns the posterior into weights, and the CFV is the weighted sum of the basis
+vectors, added where the model completes C (`Q: A\\nA: B\\n\\nQ: C\\nA:`).
+
+The fitted map is stored as <basis dir>/composite.safetensors (tensors "weight" [R, R] and
+"bias" [R]) beside composite.json (basis relation names, layer, temperature, model
+fingerprint, training data and metrics)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ffv_eval import __version__
+from ffv_eval.atomic_files import atomic_write, atomic_write_text
+from ffv_eval.basis import Basis, BasisError, load_basis
+from ffv_eval.basis_sources import BasisRelation
+from ffv_eval.function_vectors import answer_scores, answer_token_id, pad_id_of, right_pad
+from ffv_eval.json_lines import json_document
+from ffv_eval.patching import Patcher
+from ffv_eval.prompts import fewshot_prompt
+from ffv_eval.relations import WordPair
+
+COMPOSITE_FORMAT = "ffv-eval/composite/1"
+COMPOSITE_FILE = "composite.safetensors"
+
+
+@dataclass(frozen=True)
+class Analogy:
+    a: str
+    b: str
+    c: str
+    d: str
+    relation: str = ""
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    analogies_per_relation: int = 4
+    steps: int = 150
+    batch_size: int = 16
+    learning_rate: float = 0.02
+    l2: float = 1.0  # weight of |W - I|^2 + |b|^2, per relation
+    temperature: float = 1.0
+    validation_share: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class CompositeMap:
+    basis: Basis
+    weight: torch.Tensor  # [R, R]
+    bias: torch.Tensor  # [R]
+    temperature: float
+    metadata: dict = field(default_factory=dict)
+
+    def weights(self, posterior: torch.Tensor) -> torch.Tensor:
+        """Posterior [N, R] -> weights [N, R]."""
+        return posterior @ self.weight.T + self.bias
+
+    def vectors(self, posterior: torch.Tensor) -> torch.Tensor:
+        """Posterior [N, R] -> CFVs [N, hidden]."""
+        return self.weights(posterior) @ self.basis.vectors
+
+
+def check_word(tokenizer, word: str, where: str) -> None:
+    if not isinstance(word, str) or not word.strip():
+        raise BasisError(f"{where}: empty word {word!r}: the basis cannot encode it")
+    try:
+        answer_token_id(tokenizer, word)
+    except ValueError as err:
+        raise BasisError(f"{where}: the basis cannot encode {word!r}: {err}") from err
+
+
+@torch.no_grad()
+def relation_posterior(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tuple[str, str]], temperature: float = 1.0,
+                       batch_size: int = 256) -> torch.Tensor:
+    """[N, R]: for each stem (A, B), the softmax over basis relations of log P(B | A, FFV_r) / T."""
+    pairs = [WordPair(a, b) for a, b in stems]
+    _, logprob = answer_scores(patcher, tokenizer, pairs, basis.layer, basis.vectors, batch_size)  # [R, N]
+    return torch.softmax(logprob.T / temperature, dim=-1)
+
+
+def training_analogies(relations: Sequence[BasisRelation], n_training_pairs: int, per_relation: int, seed: int) -> list[Analogy]:
+    """Analogies A:B::C:D from two pairs of one basis relation, drawn from the pairs its basis
+    vector was not trained on (relations with fewer than two such pairs give none). Test-set
+    pairs are already excluded from the basis relations (basis_sources.analogy_test_pairs)."""
+    rng = random.Random(seed)
+    out = []
+    for relation in relations:
+        spare = list(relation.pairs[n_training_pairs:])
+        for _ in range(per_relation if len(spare) >= 2 else 0):
+            (a, b), (c, d) = ((p.input, p.output) for p in rng.sample(spare, 2))
+            out.append(Analogy(a, b, c, d, relation.name))
+    return out
+
+
+def one_shot_prompt(a: str, b: str, c: str) -> str:
+    return fewshot_prompt([WordPair(a, b)], c)
+
+
+def _completion_batch(tokenizer, analogies: Sequence[Analogy]):
+    ids, mask, last = right_pad([tokenizer(one_shot_prompt(x.a, x.b, x.c)).input_ids for x in analogies], pad_id_of(tokenizer))
+    answers = torch.tensor([answer_token_id(tokenizer, x.d) for x in analogies])
+    return ids, mask, last, answers
+
+
+def completion_logits(patcher: Patcher, tokenizer, analogies: Sequence[Analogy], layer: int, vectors: torch.Tensor | None):
+    """Logits of the token after `Q: A\\nA: B\\n\\nQ: C\\nA:` with vectors [N, hidden] added there; and the answers."""
+    ids, mask, last, answers = _completion_batch(tokenizer, analogies)
+    hidden = patcher.final_hidden(ids, mask, layer=layer, vector=vectors, positions=last)
+    return patcher.adapter.unembed(hidden[torch.arange(len(analogies)), last]).float(), answers
+
+
+@torch.no_grad()
+def completion_accuracy(patcher, tokenizer, analogies, layer, vectors=None, batch_size: int = 64) -> float:
+    hits = 0
+    for start in range(0, len(analogies), batch_size):
+        chunk = analogies[start : start + batch_size]
+        logits, answers = completion_logits(patcher, tokenizer, chunk, layer, None if vectors is None else vectors[start : start + batch_size])
+        hits += int((logits.argmax(-1) == answers).sum())
+    return hits / max(1, len(analogies))
+
+
+def fit_composite_map(
+    patcher: Patcher,
+    tokenizer,
+    basis: Basis,
+    analogies: Sequence[Analogy],
+    settings: MapSettings = MapSettings(),
+    progress: Callable[[str], None] = lambda message: None,
+) -> CompositeMap:
+    """Fit W, b (weights = W p + b, starting at W = I, b = 0) so that the CFV added where the
+    model completes C makes D's first token likely, on the training analogies; a share is held
+    out to report first-token accuracy unpatched, with W = I and with the fitted map."""
+    if not analogies:
+        raise BasisError("no training analogies: every basis relation has fewer than two spare pairs")
+    for x in analogies:
+        for word in (x.a, x.b, x.c, x.d):
+            check_word(tokenizer, word, f"training analogy from {x.relation}")
+    t = time.perf_counter()
+    rng = random.Random(settings.seed)
+    order = list(analogies)
+    rng.shuffle(order)
+    n_valid = int(len(order) * settings.validation_share)
+    valid, train = order[:n_valid], order[n_valid:]
+    posterior_train = relation_posterior(patcher, tokenizer, basis, [(x.a, x.b) for x in train], settings.temperature)
+    posterior_valid = relation_posterior(patcher, tokenizer, basis, [(x.a, x.b) for x in valid], settings.temperature)
+    progress(f"[ffv] posteriors of {len(order)} training analogies over {len(basis.names)} basis relations ({time.perf_counter() - t:.0f}s)")
+    n = len(basis.names)
+    weight = torch.eye(n).requires_grad_(True)
+    bias = torch.zeros(n).requires_grad_(True)
+    optimizer = torch.optim.Adam([weight, bias], lr=settings.learning_rate)
+    torch.manual_seed(settings.seed)
+    losses = []
+    t = time.perf_counter()
+    with torch.enable_grad():
+        for step in range(settings.steps):
+            rows = rng.sample(range(len(train)), min(settings.batch_size, len(train)))
+            p = posterior_train[rows]
+            vectors = (p @ weight.T + bias) @ basis.vectors
+            logits, answers = completion_logits(patcher, tokenizer, [train[i] for i in rows], basis.layer, vectors)
+            loss = F.cross_entropy(logits, answers) + settings.l2 / n * ((weight - torch.eye(n)).pow(2).sum() + bias.pow(2).sum())
+            if not torch.isfinite(loss):
+                raise BasisError(f"fitting the composite map diverged at step {step + 1} (loss {loss.item()})")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if (step + 1) % 25 == 0 or step + 1 == settings.steps:
+                progress(f"[ffv] map step {step + 1}/{settings.steps}: loss {sum(losses[-25:]) / len(losses[-25:]):.3f}")
+    fitted = CompositeMap(basis, weight.detach().clone(), bias.detach().clone(), settings.temperature)
+    identity = CompositeMap(basis, torch.eye(n), torch.zeros(n), settings.temperature)
+    metrics = {
+        "validation_analogies": len(valid),
+        "training_analogies": len(train),
+        "validation_accuracy_unpatched": completion_accuracy(patcher, tokenizer, valid, basis.layer),
+        "validation_accuracy_posterior_weights": completion_accuracy(patcher, tokenizer, valid, basis.layer, identity.vectors(posterior_valid)),
+        "validation_accuracy_fitted_map": completion_accuracy(patcher, tokenizer, valid, basis.layer, fitted.vectors(posterior_valid)),
+        "validation_top_relation_correct": _top_relation_share(basis, posterior_valid, valid),
+        "first_loss": losses[0],
+        "last_loss": sum(losses[-25:]) / len(losses[-25:]),
+        "seconds": time.perf_counter() - t,
+    }
+    fitted.metadata = {"settings": settings.__dict__, "metrics": metrics}
+    progress("[ffv] held-out training analogies, first-token accuracy: unpatched {validation_accuracy_unpatched:.3f}, "
+             "posterior weights {validation_accuracy_posterior_weights:.3f}, fitted map {validation_accuracy_fitted_map:.3f}; "
+             "top relation right {validation_top_relation_correct:.3f}".format(**metrics))
+    return fitted
+
+
+def _top_relation_share(basis: Basis, posterior: torch.Tensor, analogies: Sequence[Analogy]) -> float:
+    if not analogies:
+        return 0.0
+    top = posterior.argmax(-1).tolist()
+    return sum(basis.names[i] == x.relation for i, x in zip(top, analogies)) / len(analogies)
+
+
+def save_composite_map(cmap: CompositeMap, model_alias: str) -> Path:
+    path = Path(cmap.basis.directory) / COMPOSITE_FILE
+    meta = {
+        "format": COMPOSITE_FORMAT,
+        "model": model_alias,
+        "model_fingerprint": cmap.basis.model_fingerprint,
+        "layer": cmap.basis.layer,
+        "temperature": cmap.temperature,
+        "basis": cmap.basis.names,
+        **cmap.metadata,
+        "ffv_eval_version": __version__,
+    }
+    atomic_write(path, lambda tmp: save_file({"weight": cmap.weight.contiguous(), "bias": cmap.bias.contiguous()}, tmp))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_composite_map(directory: Path, fingerprint: str | None = None) -> CompositeMap:
+    """The fitted map in a basis directory, with its basis; errors name the file and field."""
+    path = Path(directory) / COMPOSITE_FILE
+    side = path.with_suffix(".json")
+    if not path.exists() or not side.exists():
+        raise BasisError(f"no composite map in {directory} ({COMPOSITE_FILE} + composite.json); run: ffv basis build")
+    meta = json_document(side, BasisError)
+    for name in ("format", "model_fingerprint", "layer", "temperature", "basis"):
+        if name not in meta:
+            raise BasisError(f"{side}: field '{name}' is missing")
+    if meta["format"] != COMPOSITE_FORMAT:
+        raise BasisError(f"{side}: field 'format' is {meta['format']!r}, expected {COMPOSITE_FORMAT!r}")
+    if not meta["basis"]:
+        raise BasisError(f"{side}: field 'basis' is empty: an empty basis cannot compose anything")
+    if fingerprint is not None and meta["model_fingerprint"] != fingerprint:
+        raise BasisError(f"{side}: composite map built for model fingerprint {meta['model_fingerprint']} "
+                         f"({meta.get('model', 'unknown')}), the loaded model is {fingerprint}")
+    basis = load_basis(directory, meta["basis"], meta["model_fingerprint"])
+    tensors = load_file(str(path))
+    n = len(meta["basis"])
+    if tensors["weight"].shape != (n, n) or tensors["bias"].shape != (n,):
+        raise BasisError(f"{path}: weight/bias shapes {tuple(tensors['weight'].shape)}/{tuple(tensors['bias'].shape)} "
+                         f"do not match the {n} basis relations in {side}")
+    return CompositeMap(basis, tensors["weight"], tensors["bias"], float(meta["temperature"]), meta)
+
+
+class CompositeVectors:
+    """CFVs for source pairs on one model, cached per pair."""
+
+    def __init__(self, patcher: Patcher, tokenizer, cmap: CompositeMap):
+        self.patcher, self.tokenizer, self.cmap = patcher, tokenizer, cmap
+        self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def layer(self) -> int:
+        return self.cmap.basis.layer
+
+    def prepare(self, stems: Sequence[tuple[str, str]], where: dict[tuple[str, str], str] | None = None) -> None:
+        """Compute (batched) the CFVs of the stems not cached yet; `where` names each stem's
+        origin (task, document) for errors."""
+        todo = list(dict.fromkeys(s for s in stems if s not in self._cache))
+        for a, b in todo:
+            for word in (a, b):
+                check_word(self.tokenizer, word, (where or {}).get((a, b), f"source pair {a}:{b}"))
+        for start in range(0, len(todo), 8):
+            chunk = todo[start : start + 8]
+            posterior = relation_posterior(self.patcher, self.tokenizer, self.cmap.basis, chunk, self.cmap.temperature)
+            for stem, p, v in zip(chunk, posterior, self.cmap.vectors(posterior)):
+                self._cache[stem] = (p, v)
+
+    def vector(self, a: str, b: str) -> torch.Tensor:
+        self.prepare([(a, b)])
+        return self._cache[(a, b)][1]
+
+    def explain(self, a: str, b: str, top: int = 10) -> list[tuple[str, float, float]]:
+        """The top relations for A:B: (name, posterior, weight)."""
+        self.prepare([(a, b)])
+        posterior = self._cache[(a, b)][0]
+        weights = self.cmap.weights(posterior[None])[0]
+        order = posterior.argsort(descending=True)[:top]
+        return [(self.cmap.basis.names[i], float(posterior[i]), float(weights[i])) for i in order]

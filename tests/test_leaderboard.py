@@ -1,0 +1,334 @@
+"""`ffv leaderboard` on real lm-eval results files: one run of the stock `lm_eval` command line
+(Gemma 3 270M with the shipped antonym FFV) and `ffv leaderboard --run` adding the unpatched and
+2-shot runs (reusing the FFV one), all with --limit 5; the HTML page in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ffv_eval import leaderboard
+from ffv_eval.leaderboard import LeaderboardError, build_leaderboard, condition_name, primary_metric
+
+CHROMIUM = Path("/usr/bin/chromium")
+MODEL, TASK = "gemma-3-270m", "relation_antonym"
+RUN_ARGS = ["--run", MODEL, "--tasks", TASK, "--conditions", "unpatched", "ffv", "2-shot",
+               "--limit", "5"]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "FFV_DATA_DIR"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    done = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def _results_files(directory: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime for p in directory.rglob("results_*.json")}
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    """The stock lm_eval CLI writes the FFV run; `ffv leaderboard --run` adds unpatched and
+    2-shot into the same directory and writes the leaderboard; a second call reuses all."""
+    base = tmp_path_factory.mktemp("leaderboard")
+    results_dir = base / "results"
+    _run([sys.executable, "-m", "lm_eval", "--model", "ffv-patched", "--model_args",
+          f"pretrained={MODEL},vector=antonym", "--tasks", TASK, "--limit", "5", "--output_path", str(results_dir)], base)
+    cli_files = _results_files(results_dir)
+    assert len(cli_files) == 1
+    ffv_leaderboard = [sys.executable, "-m", "ffv_eval.cli", "leaderboard", str(results_dir), *RUN_ARGS]
+    first = _run([*ffv_leaderboard, "--out-prefix", str(base / "board")], base)
+    after_first = _results_files(results_dir)
+    second = _run([*ffv_leaderboard, "--out-prefix", str(base / "again")], base)
+    return {"dir": results_dir, "base": base, "cli_file": next(iter(cli_files)), "first_output": first,
+            "second_output": second, "after_first": after_first, "after_second": _results_files(results_dir)}
+
+
+def _json_by_condition(results_dir: Path) -> dict[str, dict]:
+    """The JSON's own task results, keyed by the condition each file must get."""
+    out = {}
+    for path in results_dir.rglob("results_*.json"):
+        data = json.loads(path.read_text())
+        vector = data["config"].get("ffv_vector")
+        shots = data["n-shot"][TASK]
+        out[vector["kind"] if vector else (f"{shots}-shot" if shots else "unpatched")] = data
+    return out
+
+
+# -- real runs ----------------------------------------------------------------------------
+
+def test_run_writes_the_missing_runs_in_lm_evals_layout_and_reuses_the_cli_run(real_runs):
+    out = real_runs["first_output"]
+    assert f"reusing {MODEL} / ffv / {TASK}" in out
+    assert "run 1/2" in out and "run 2/2" in out and "run(s) to do" in out
+    files = real_runs["after_first"]
+    assert len(files) == 3
+    assert {p.parent.name for p in files} == {MODEL}  # lm_eval --output_path DIR -> DIR/<model>/results_<date>.json
+    assert real_runs["cli_file"] in files and files[real_runs["cli_file"]] == real_runs["after_second"][real_runs["cli_file"]]
+
+
+def test_second_run_reuses_everything(real_runs):
+    out = real_runs["second_output"]
+    assert "0 run(s) to do, 3 task result(s) reused" in out
+    assert "run 1/" not in out
+    assert real_runs["after_second"] == real_runs["after_first"]  # no new file, none rewritten
+
+
+def test_reader_classifies_the_real_runs(real_runs):
+    board = build_leaderboard([real_runs["dir"]])
+    cells = board.by_cell()
+    assert set(cells) == {(MODEL, c, TASK) for c in ("unpatched", "ffv", "2-shot")}
+    assert board.conditions == ["unpatched", "ffv", "2-shot"]
+    by_condition = _json_by_condition(real_runs["dir"])
+    for condition, data in by_condition.items():
+        entry = cells[(MODEL, condition, TASK)]
+        assert entry.metric == "exact_match"
+        assert entry.value == data["results"][TASK]["exact_match,none"]
+        assert entry.stderr == data["results"][TASK]["exact_match_stderr,none"]
+        assert entry.task_version == "1.0" and entry.lm_eval_version == data["lm_eval_version"]
+        assert entry.n_samples == 5 and entry.limit == 5
+    ffv = cells[(MODEL, "ffv", TASK)].vector
+    recorded = by_condition["ffv"]["config"]["ffv_vector"]
+    assert (ffv.kind, ffv.relation, ffv.layer, ffv.patch_layer, ffv.scale) == (
+        "ffv", "antonym", recorded["layer"], recorded["patch_layer"], recorded["scale"])
+    assert ffv.path.endswith("vectors/gemma-3-270m/ffv/antonym.safetensors")
+    assert cells[(MODEL, "unpatched", TASK)].vector is None and cells[(MODEL, "2-shot", TASK)].n_shot == 2
+
+
+def test_markdown_and_csv_hold_the_jsons_numbers(real_runs):
+    base = real_runs["base"]
+    by_condition = _json_by_condition(real_runs["dir"])
+    markdown = (base / "board.md").read_text()
+    assert f"lm-eval {by_condition['ffv']['lm_eval_version']}" in markdown
+    assert f"{TASK} (exact_match, v1.0)" in markdown
+    for condition, data in by_condition.items():
+        value, stderr = data["results"][TASK]["exact_match,none"], data["results"][TASK]["exact_match_stderr,none"]
+        assert f"| {MODEL} | {condition} | {value:.3f} ± {stderr:.3f} |" in markdown
+    assert "## Vectors" in markdown and "ffv/antonym.safetensors" in markdown
+    assert "## Gain from patching" in markdown
+    gain = by_condition["ffv"]["results"][TASK]["exact_match,none"] - by_condition["unpatched"]["results"][TASK]["exact_match,none"]
+    assert f"| {MODEL} | ffv | {gain:+.3f} |" in markdown
+
+    rows = list(csv.DictReader((base / "board.csv").open(encoding="utf-8")))
+    assert len(rows) == 3
+    for row in rows:
+        data = by_condition[row["condition"]]
+        assert (row["model"], row["task"], row["metric"]) == (MODEL, TASK, "exact_match")
+        assert float(row["value"]) == data["results"][TASK]["exact_match,none"]
+        assert float(row["stderr"]) == data["results"][TASK]["exact_match_stderr,none"]
+        assert row["task_version"] == "1.0" and row["lm_eval_version"] == data["lm_eval_version"]
+        assert row["n_shot"] == str(data["n-shot"][TASK])
+    ffv_row = next(r for r in rows if r["condition"] == "ffv")
+    assert (ffv_row["vector_kind"], ffv_row["vector_relation"]) == ("ffv", "antonym")
+    assert ffv_row["patch_layer"] == str(by_condition["ffv"]["config"]["ffv_vector"]["patch_layer"])
+
+
+# -- mixing, duplicates, model names --------------------------------------------------------
+
+def _copy_edited(source: Path, target: Path, edit) -> Path:
+    data = json.loads(source.read_text())
+    edit(data)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=2))
+    return target
+
+
+def _file_of(results_dir: Path, condition: str) -> Path:
+    for path in results_dir.rglob("results_*.json"):
+        data = json.loads(path.read_text())
+        vector, shots = data["config"].get("ffv_vector"), data["n-shot"][TASK]
+        if (vector["kind"] if vector else (f"{shots}-shot" if shots else "unpatched")) == condition:
+            return path
+    raise AssertionError(condition)
+
+
+def test_different_task_versions_are_not_mixed(real_runs, tmp_path):
+    ffv = shutil.copy(_file_of(real_runs["dir"], "ffv"), tmp_path / "results_a.json")
+    edited = _copy_edited(_file_of(real_runs["dir"], "unpatched"), tmp_path / "other" / "results_b.json",
+                          lambda d: d["versions"].update({TASK: 2.0}))
+    with pytest.raises(LeaderboardError) as err:
+        build_leaderboard([tmp_path])
+    message = str(err.value)
+    assert str(ffv) in message and str(edited) in message and "1.0" in message and "2.0" in message
+    assert "--allow-mixed-versions" in message
+    board = build_leaderboard([tmp_path], allow_mixed_versions=True)
+    assert board.task_versions(TASK) == ["1.0", "2.0"]
+    assert any("mixed task versions" in note for note in board.notes)
+    assert "v1.0/2.0" in leaderboard.format_markdown(board)
+
+
+def test_newest_run_of_a_cell_wins_and_is_stated(real_runs, tmp_path):
+    source = _file_of(real_runs["dir"], "ffv")
+    old = shutil.copy(source, tmp_path / "results_old.json")
+
+    def newer(d):
+        d["date"] += 100
+        d["results"][TASK]["exact_match,none"] = 0.123
+
+    new = _copy_edited(source, tmp_path / "results_new.json", newer)
+    board = build_leaderboard([tmp_path])
+    assert board.by_cell()[(MODEL, "ffv", TASK)].value == 0.123
+    assert len(board.notes) == 1 and "results_new.json" in board.notes[0] and "results_old.json" in board.notes[0]
+    markdown = leaderboard.format_markdown(board)
+    assert "## Notes" in markdown and "replaces the older" in markdown
+    assert Path(old).exists() and new.exists()
+
+
+def test_plain_hf_run_is_named_by_pretrained(real_runs, tmp_path):
+    def as_hf(d):
+        for key in ("ffv_model", "ffv_vector"):
+            d["config"].pop(key)
+        d["config"].update(model="hf", model_args="pretrained=/cache/gemma-3-270m,dtype=float32")
+
+    _copy_edited(_file_of(real_runs["dir"], "unpatched"), tmp_path / "results_hf.json", as_hf)
+    board = build_leaderboard([tmp_path])
+    assert [e.cell for e in board.entries] == [("/cache/gemma-3-270m", "unpatched", TASK)]
+
+
+def test_condition_names_and_primary_metric():
+    assert condition_name(TASK, 0, None, None) == "unpatched"
+    assert condition_name(TASK, 10, None, None) == "10-shot"
+    assert condition_name(TASK, 0, "ffv", "antonym") == "ffv"
+    assert condition_name("relation_capitalize", 0, "fv", "antonym") == "fv:antonym"
+    assert condition_name(TASK, 5, "cfv", "antonym") == "cfv+5-shot"
+    scores = {"alias": "x", "acc_norm,none": 0.5, "acc,none": 0.4, "acc_stderr,none": 0.1, "acc_norm_stderr,none": 0.2}
+    assert primary_metric(scores) == ("acc", 0.4, 0.1)
+    assert primary_metric({"top_answer,none": 0.3, "top_answer_stderr,none": "N/A"}) == ("top_answer", 0.3, None)
+    assert primary_metric({"alias": "group"}) is None
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+def test_truncated_json_names_file_line_and_column(real_runs, tmp_path):
+    text = real_runs["cli_file"].read_text()
+    bad = tmp_path / "model" / "results_2026-01-01T00-00-00.json"
+    bad.parent.mkdir()
+    bad.write_text(text[: len(text) // 2])
+    with pytest.raises(LeaderboardError, match=r"line \d+ column \d+") as err:
+        build_leaderboard([tmp_path])
+    assert str(bad) in str(err.value) and "malformed JSON" in str(err.value)
+
+
+@pytest.mark.parametrize("content, field", [
+    ({"accuracy": 0.5}, "results"),
+    ({"results": {}, "config": {}, "versions": {}}, "n-shot"),
+    ([1, 2, 3], "list"),
+])
+def test_json_that_is_not_lm_evals_is_refused(tmp_path, content, field):
+    bad = tmp_path / "results_x.json"
+    bad.write_text(json.dumps(content))
+    with pytest.raises(LeaderboardError) as err:
+        build_leaderboard([tmp_path])
+    assert str(bad) in str(err.value) and "not an lm-eval results file" in str(err.value) and field in str(err.value)
+
+
+def test_empty_or_missing_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LeaderboardError, match="no lm-eval results files"):
+        build_leaderboard([tmp_path / "empty"])
+    staging = tmp_path / "empty" / ".ffv-run-abc" / MODEL / "results_2026.json"  # an interrupted --run
+    staging.parent.mkdir(parents=True)
+    staging.write_text("{")
+    with pytest.raises(LeaderboardError, match="no lm-eval results files"):
+        build_leaderboard([tmp_path / "empty"])
+    with pytest.raises(LeaderboardError, match="no such results directory"):
+        build_leaderboard([tmp_path / "absent"])
+    from ffv_eval.cli import main
+
+    assert main(["leaderboard", str(tmp_path / "empty"), "--out-prefix", str(tmp_path / "lb")]) == 2
+    assert f"ffv: error: {tmp_path / 'empty'}: no lm-eval results files" in capsys.readouterr().err
+    assert not list(tmp_path.glob("lb*"))
+
+
+def test_run_plan_refuses_what_cannot_run_before_running():
+    with pytest.raises(LeaderboardError, match="sat_analogy"):
+        leaderboard.plan_runs([MODEL], ["sat_analogy"], ["ffv"])
+    with pytest.raises(LeaderboardError, match="no shipped vector for: .*no-such-model/ffv/antonym.safetensors"):
+        leaderboard.plan_runs(["no-such-model"], [TASK], ["unpatched", "ffv"])
+    runs = leaderboard.plan_runs([MODEL], leaderboard.expand_tasks(["relations"]), ["unpatched", "fv", "fv:antonym"])
+    assert len(runs[0].tasks) == 6 and runs[0].vector is None
+    assert [r.vector for r in runs[1:7]] == [f"fv:{t.removeprefix('relation_')}" for t in runs[0].tasks]
+    assert runs[7].vector == "fv:antonym" and runs[7].labels[0] == "fv" and runs[7].labels[1] == "fv:antonym"
+
+
+# -- atomic writes --------------------------------------------------------------------------
+
+def test_a_failing_writer_leaves_no_partial_file(real_runs, tmp_path, monkeypatch):
+    board = build_leaderboard([real_runs["dir"]])
+    target = tmp_path / "board.csv"
+    target.write_text("previous leaderboard\n")
+    real_row, calls = leaderboard.csv_row, []
+
+    def fails_on_second_row(entry):
+        calls.append(entry)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_row(entry)
+
+    monkeypatch.setattr(leaderboard, "csv_row", fails_on_second_row)
+    with pytest.raises(OSError, match="disk full"):
+        leaderboard.write_csv(board, target)
+    assert target.read_text() == "previous leaderboard\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["board.csv"]  # no temporary file left
+
+    import ffv_eval.leaderboard_html as page
+
+    monkeypatch.setattr(page, "render_html", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("plot failed")))
+    with pytest.raises(RuntimeError, match="plot failed"):
+        leaderboard.write_leaderboard(board, tmp_path / "b.md", tmp_path / "b.csv", tmp_path / "b.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["board.csv"]  # rendered before anything is written
+
+
+# -- the HTML page in a real browser ----------------------------------------------------------
+
+def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", *args],
+        capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)")
+def test_html_page_renders_table_and_plots_in_chromium(real_runs, tmp_path):
+    html = real_runs["base"] / "board.html"
+    text = html.read_text()
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", text), "the page must not load anything"
+    assert "<script" not in text
+    dumped = _chromium(["--dump-dom", html.as_uri()], tmp_path / "profile")
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    dom = dumped.stdout
+    table = re.search(r'<table id="leaderboard">.*?</table>', dom, re.S).group(0)
+    for condition, data in _json_by_condition(real_runs["dir"]).items():
+        value = data["results"][TASK]["exact_match,none"]
+        assert re.search(rf"<td>{re.escape(condition)}</td>.*?{value:.3f} ±", table, re.S)
+    for plot in ("accuracy-plot", "gain-plot"):
+        figure = re.search(rf'<figure id="{plot}">(.*?)</figure>', dom, re.S)
+        assert figure and "<svg" in figure.group(1) and "<path" in figure.group(1)
+        assert TASK in figure.group(1) and MODEL in figure.group(1)  # axis labels and panel titles as SVG text
+
+    png = tmp_path / "page.png"
+    shot = _chromium([f"--screenshot={png}", "--window-size=1200,2000", html.as_uri()], tmp_path / "profile2")
+    assert shot.returncode == 0 and png.exists(), shot.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size == (1200, 2000)
+        grey = image.convert("L")
+        low, high = grey.getextrema()
+        dark = sum(grey.histogram()[:200])
+    assert high - low > 100 and dark > 0.01 * 1200 * 2000, "the screenshot is blank"
