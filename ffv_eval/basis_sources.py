@@ -338,7 +338,8 @@ def _semeval_ratings(root: Path, ident: str) -> tuple[list[tuple[float, WordPair
     )
 
 
-def _semeval(data_dir, min_pairs, max_pairs, exclude):
+def semeval_rated_subcategories(data_dir) -> list[tuple[str, str, list[tuple[float, WordPair]], Path]]:
+    """Every SemEval-2012 subcategory: (id, slug, [(gold prototypicality rating, pair)], file)."""
     root = _source_root(data_dir, "semeval")
     lists = [root / pkg / "subcategories-list.txt" for pkg in (SEMEVAL_PACKAGE, SEMEVAL_GOLD_PACKAGE)]
     list_file = next((p for p in lists if p.is_file()), None)
@@ -346,8 +347,11 @@ def _semeval(data_dir, min_pairs, max_pairs, exclude):
         raise RelationDataError(
             f"basis source 'semeval': no {lists[0]} (nor {lists[1]}) (expected {EXPECTED['semeval']})"
         )
-    for ident, name in read_semeval_subcategories(list_file):
-        rated, path = _semeval_ratings(root, ident)
+    return [(ident, name, *_semeval_ratings(root, ident)) for ident, name in read_semeval_subcategories(list_file)]
+
+
+def _semeval(data_dir, min_pairs, max_pairs, exclude):
+    for ident, name, rated, path in semeval_rated_subcategories(data_dir):
         ranked = sorted((r for r in rated if r[0] > 0), key=lambda r: (-r[0], r[1].input, r[1].output))
         pairs = [pair for _, pair in ranked]
         yield _finish(f"semeval/{name}", "semeval", pairs, str(path), min_pairs, max_pairs, exclude)

@@ -81,7 +81,14 @@ def _leaderboard(args) -> None:
     leaderboard_command(args.results_dirs, args.markdown or f"{prefix}.md", args.csv or f"{prefix}.csv",
                         args.html or f"{prefix}.html", allow_mixed_versions=args.allow_mixed_versions,
                         run_models=args.run_models, tasks=args.tasks, conditions=args.conditions, limit=args.limit,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, alignment_files=args.alignment, quality_files=args.vector_quality)
+
+
+def _align(args) -> None:
+    from ffv_eval.alignment import align_shipped_vectors
+
+    align_shipped_vectors(args.model, args.kinds, args.data_dir, args.output, args.markdown,
+                          args.max_comparisons, args.max_subcategories, args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or <kind>:<relation> (one vector for all tasks)")
     p.add_argument("--limit", type=int, default=None, help="for --run: test examples per task")
     p.add_argument("--batch-size", type=int, default=16, help="for --run")
+    p.add_argument("--alignment", nargs="+", default=[], help="`ffv align --output` files to show as a table")
+    p.add_argument("--vector-quality", nargs="+", default=[],
+                   help="`ffv check` baseline files (vectors/<model>/quality-baseline.json) to show: test accuracy, gain, decoding hits")
     p.set_defaults(run=_leaderboard)
 
     p = sub.add_parser("check", help="CI gate: compare vector quality with a baseline file (exit 1 on a regression)")
@@ -198,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--top", type=int, default=10)
     p.set_defaults(run=_compose)
+
+    p = sub.add_parser("align", help="agreement of FV / FFV relation representations with human similarity judgments")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--kinds", nargs="+", default=["fv", "ffv"], choices=["fv", "ffv", "ffv-random"])
+    p.add_argument("--data-dir", help="directory with relsim/ and semeval2012/ (default: $FFV_DATA_DIR)")
+    p.add_argument("--max-comparisons", type=int, help="seeded subset of the relsim comparisons (default: all)")
+    p.add_argument("--max-subcategories", type=int, help="seeded subset of SemEval-2012 subcategories (default: all 79)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the figures as JSON here")
+    p.add_argument("--markdown", help="write the table as Markdown here")
+    p.set_defaults(run=_align)
     return parser
 
 

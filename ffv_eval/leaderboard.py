@@ -77,6 +77,7 @@ class Leaderboard:
     entries: list[Entry]  # one per (model, condition, task), sorted
     sources: list[Path]  # every results file read
     notes: list[str] = field(default_factory=list)  # replaced duplicates, allowed version mixes
+    sections: list[tuple[str, list[str], list[list]]] = field(default_factory=list)  # (title, header, rows) shown after the gains
 
     @property
     def models(self) -> list[str]:
@@ -185,12 +186,18 @@ def model_name(config: dict, path: Path) -> str:
     return str(pretrained)
 
 
-def vector_info(config: dict, path: Path) -> VectorInfo | None:
+def vector_info(config: dict, path: Path, task: str | None = None) -> VectorInfo | None:
+    """The vector a run recorded; for per-task runs (vector=<kind>:*), the one `task` used."""
     recorded = config.get("ffv_vector")
     if recorded is None:
         return None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("kind"), str):
         raise LeaderboardError(f"{path}: field 'config.ffv_vector' should be null or an object with a 'kind'")
+    per_task = recorded.get("per_task")
+    if isinstance(per_task, dict) and isinstance(per_task.get(task), dict):
+        used = per_task[task]
+        recorded = {**recorded, "relation": str(task).removeprefix("relation_"), "path": used.get("path"),
+                    "layer": used.get("layer"), "patch_layer": used.get("layer")}
     return VectorInfo(
         kind=recorded["kind"], relation=recorded.get("relation"), path=recorded.get("path"),
         layer=recorded.get("layer"), patch_layer=recorded.get("patch_layer"),
@@ -258,7 +265,6 @@ def entries_from_file(path: Path, data: dict) -> list[Entry]:
     """One entry per task in `results` that reports a metric."""
     config = data["config"]
     model = model_name(config, path)
-    vector = vector_info(config, path)
     lm_eval_version = str(data.get("lm_eval_version") or config.get("lm_eval_version") or "unknown")
     timestamp = _timestamp(data, path)
     limit = _number(config.get("limit"))
@@ -276,6 +282,7 @@ def entries_from_file(path: Path, data: dict) -> list[Entry]:
             raise LeaderboardError(f"{path}: field 'n-shot.{task}' should be a number, got {n_shot!r}")
         effective = (data.get("n-samples") or {}).get(task, {})
         n_samples = effective.get("effective") if isinstance(effective, dict) else None
+        vector = vector_info(config, path, task)
         entries.append(Entry(
             model=model,
             condition=condition_name(task, int(n_shot), vector and vector.kind, vector and vector.relation),
@@ -400,6 +407,8 @@ def format_markdown(board: Leaderboard, title: str = "Leaderboard") -> str:
     if gains:
         lines += ["", "## Gain from patching (patched minus unpatched)", ""]
         lines += _markdown_table(["model", "condition", *board.tasks], gains)
+    for title_text, header, rows in board.sections:
+        lines += ["", f"## {title_text}", ""] + _markdown_table(header, rows)
     if vector_rows(board):
         lines += ["", "## Vectors", ""] + _markdown_table(VECTOR_HEADER, vector_rows(board))
     lines += ["", "## Runs", ""] + _markdown_table(RUN_HEADER, run_rows(board))
@@ -601,13 +610,19 @@ def run_missing(output_dir: str | os.PathLike, models: Sequence[str], tasks: Seq
 def leaderboard_command(results_dirs: Sequence[str], markdown: str | None, csv_path: str | None, html: str | None,
                         allow_mixed_versions: bool = False, run_models: Sequence[str] | None = None,
                         tasks: Sequence[str] | None = None, conditions: Sequence[str] = DEFAULT_RUN_CONDITIONS,
-                        limit: int | None = None, batch_size: int | str = 16) -> Leaderboard:
-    """`ffv leaderboard`: run what is missing (with --run), then read and write."""
+                        limit: int | None = None, batch_size: int | str = 16, alignment_files: Sequence[str] = (),
+                        quality_files: Sequence[str] = ()) -> Leaderboard:
+    """`ffv leaderboard`: run what is missing (with --run), then read and write; `ffv align`
+    reports and `ffv check` baselines add their own tables."""
     if run_models:
         run_missing(results_dirs[0], run_models, tasks or [], conditions, limit, batch_size)
     elif tasks:
         raise LeaderboardError("--tasks is only used with --run MODEL ...")
     board = build_leaderboard(results_dirs, allow_mixed_versions)
+    from ffv_eval.leaderboard_sections import alignment_section, vector_quality_section
+
+    board.sections += [alignment_section(alignment_files)] if alignment_files else []
+    board.sections += [vector_quality_section(quality_files)] if quality_files else []
     for path in write_leaderboard(board, markdown, csv_path, html):
         print(f"[ffv] leaderboard: wrote {path}", flush=True)
     for note in board.notes:

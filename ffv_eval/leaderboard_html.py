@@ -141,6 +141,8 @@ def render_html(board: Leaderboard, title: str = "Leaderboard") -> str:
                      "of the same model and task.</figcaption></figure>")
     else:
         parts.append("<p>No gain plot: no model has both an unpatched and a patched run of one task.</p>")
+    for i, (title_text, header, rows) in enumerate(board.sections):
+        parts += [f"<h2>{escape(title_text)}</h2>", _table(header, rows, f"section-{i}")]
     if vector_rows(board):
         parts += ["<h2>Vectors</h2>", _table(VECTOR_HEADER, vector_rows(board), "vectors")]
     parts += ["<h2>Runs</h2>", _table(RUN_HEADER, run_rows(board), "runs")]

@@ -259,10 +259,12 @@ def test_run_plan_refuses_what_cannot_run_before_running():
         leaderboard.plan_runs([MODEL], ["sat_analogy"], ["ffv"])
     with pytest.raises(LeaderboardError, match="no shipped vector for: .*no-such-model/ffv/antonym.safetensors"):
         leaderboard.plan_runs(["no-such-model"], [TASK], ["unpatched", "ffv"])
-    runs = leaderboard.plan_runs([MODEL], leaderboard.expand_tasks(["relations"]), ["unpatched", "fv", "fv:antonym"])
+    runs = leaderboard.plan_runs([MODEL], leaderboard.expand_tasks(["relations"]), ["unpatched", "fv", "fv:antonym", "cfv"])
     assert len(runs[0].tasks) == 6 and runs[0].vector is None
-    assert [r.vector for r in runs[1:7]] == [f"fv:{t.removeprefix('relation_')}" for t in runs[0].tasks]
-    assert runs[7].vector == "fv:antonym" and runs[7].labels[0] == "fv" and runs[7].labels[1] == "fv:antonym"
+    # one run patches each relation task with its own FV (vector=fv:*)
+    assert runs[1].vector == "fv:*" and runs[1].tasks == runs[0].tasks and set(runs[1].labels) == {"fv"}
+    assert runs[2].vector == "fv:antonym" and runs[2].labels[0] == "fv" and runs[2].labels[1] == "fv:antonym"
+    assert runs[3].vector == "cfv" and set(runs[3].labels) == {"cfv"}
 
 
 # -- atomic writes --------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+"""vector=<kind>:* in ffv-patched: one lm-eval run patches each relation task with its own vector,
+and scores exactly as one run per task with that vector."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_per_task_vectors_equal_one_run_per_vector():
+    import lm_eval
+
+    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.vector_store import VectorFileError
+
+    tasks = ["relation_antonym", "relation_english-french"]
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="ffv:*", batch_size=8)
+
+    def run(task_list):
+        out = lm_eval.simple_evaluate(model=lm, tasks=task_list, limit=6, log_samples=True, random_seed=0,
+                                      numpy_random_seed=0, torch_random_seed=0)
+        return out, {t: [s["filtered_resps"] for s in out["samples"][t]] for t in task_list}
+
+    together, generations = run(tasks)
+    used = together["config"]["ffv_vector"]["per_task"]
+    assert set(used) == set(tasks) and used["relation_antonym"]["path"].endswith("ffv/antonym.safetensors")
+    for task in tasks:
+        lm.set_vector(f"ffv:{task.removeprefix('relation_')}")
+        alone, alone_generations = run([task])
+        assert alone_generations[task] == generations[task]
+        assert alone["results"][task]["exact_match,none"] == together["results"][task]["exact_match,none"]
+    lm.set_vector(None)
+    lm.per_task_kind = "ffv"
+    with pytest.raises(VectorFileError, match="u2_analogy is not one"):
+        lm._per_task([type("R", (), {"task_name": "u2_analogy"})()], lambda group: group)
+    with pytest.raises(VectorFileError, match="unknown kind 'nope'"):
+        FFVPatchedLM(pretrained="gemma-3-270m", vector="nope:*")
