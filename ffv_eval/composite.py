@@ -25,10 +25,10 @@ from ffv_eval import __version__
 from ffv_eval.atomic_files import atomic_write, atomic_write_text
 from ffv_eval.basis import Basis, BasisError, load_basis
 from ffv_eval.basis_sources import BasisRelation
-from ffv_eval.function_vectors import answer_scores, answer_token_id, pad_id_of, right_pad
+from ffv_eval.function_vectors import answer_token_id, pad_id_of, right_pad
 from ffv_eval.json_lines import json_document
 from ffv_eval.patching import Patcher
-from ffv_eval.prompts import fewshot_prompt
+from ffv_eval.prompts import fewshot_prompt, query_text
 from ffv_eval.relations import WordPair
 
 COMPOSITE_FORMAT = "ffv-eval/composite/1"
@@ -83,12 +83,27 @@ def check_word(tokenizer, word: str, where: str) -> None:
 
 
 @torch.no_grad()
-def relation_posterior(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tuple[str, str]], temperature: float = 1.0,
-                       batch_size: int = 256) -> torch.Tensor:
+def basis_logprobs(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """[N, R]: log P(B's first token | `Q: A\nA:` + FFV_r) for each stem and basis relation.
+    The prompt before its last token is run once per stem (key/value cache); only the last
+    token is run for the R basis vectors, which all sit at the basis layer."""
+    out = torch.zeros(len(stems), len(basis.names))
+    base = patcher.adapter.base_model()
+    n = len(basis.names)
+    for i, (a, b) in enumerate(stems):
+        ids = torch.tensor([tokenizer(query_text(a)).input_ids])
+        cache = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        hidden = patcher.final_hidden(ids[:, -1:].expand(n, 1), None, layer=basis.layer, vector=basis.vectors,
+                                      positions=torch.zeros(n, dtype=torch.long), past_key_values=cache, use_cache=True)
+        logits = patcher.adapter.unembed(hidden[:, 0]).float()
+        out[i] = logits.log_softmax(-1)[:, answer_token_id(tokenizer, b)]
+    return out
+
+
+def relation_posterior(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tuple[str, str]], temperature: float = 1.0) -> torch.Tensor:
     """[N, R]: for each stem (A, B), the softmax over basis relations of log P(B | A, FFV_r) / T."""
-    pairs = [WordPair(a, b) for a, b in stems]
-    _, logprob = answer_scores(patcher, tokenizer, pairs, basis.layer, basis.vectors, batch_size)  # [R, N]
-    return torch.softmax(logprob.T / temperature, dim=-1)
+    return torch.softmax(basis_logprobs(patcher, tokenizer, basis, stems) / temperature, dim=-1)
 
 
 def training_analogies(relations: Sequence[BasisRelation], n_training_pairs: int, per_relation: int, seed: int) -> list[Analogy]:
@@ -267,10 +282,9 @@ class CompositeVectors:
         for a, b in todo:
             for word in (a, b):
                 check_word(self.tokenizer, word, (where or {}).get((a, b), f"source pair {a}:{b}"))
-        for start in range(0, len(todo), 8):
-            chunk = todo[start : start + 8]
-            posterior = relation_posterior(self.patcher, self.tokenizer, self.cmap.basis, chunk, self.cmap.temperature)
-            for stem, p, v in zip(chunk, posterior, self.cmap.vectors(posterior)):
+        if todo:
+            posterior = relation_posterior(self.patcher, self.tokenizer, self.cmap.basis, todo, self.cmap.temperature)
+            for stem, p, v in zip(todo, posterior, self.cmap.vectors(posterior)):
                 self._cache[stem] = (p, v)
 
     def vector(self, a: str, b: str) -> torch.Tensor:

@@ -46,14 +46,16 @@ class Patcher:
         layer: int | None = None,
         vector: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        **forward_kwargs,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, S, hidden] (no unembedding), optionally with
-        `vector` ([hidden] or [B, hidden]) added after block `layer` at `positions` [B]."""
+        `vector` ([hidden] or [B, hidden]) added after block `layer` at `positions` [B].
+        forward_kwargs go to the model (e.g. past_key_values)."""
         base = self.adapter.base_model()
         if vector is None:
-            return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return base(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).last_hidden_state
         out: list = []
-        with self.traced.trace(input_ids, attention_mask=attention_mask, fn=base.forward) as tracer:
+        with self.traced.trace(input_ids, attention_mask=attention_mask, fn=base.forward, **forward_kwargs) as tracer:
             self._add_at(layer, _per_row(vector, input_ids.shape[0]), positions)
             out.append(nnsight.save(tracer.result))
         return out[0].last_hidden_state

@@ -158,3 +158,15 @@ def test_cfv_is_patched_where_d_is_predicted_in_lm_eval(small_basis, shared_data
     lp_plain = [r[0][0] for s in plain["samples"]["u2_analogy"] for r in s["resps"]]
     assert len(lp_patched) == len(lp_plain) > 6
     assert max(abs(x - y) for x, y in zip(lp_patched, lp_plain)) > 0.05  # the CFV changes D's log-likelihood
+
+
+@pytest.mark.slow
+def test_cached_basis_scores_equal_full_forward_scores(small_basis):
+    from ffv_eval.composite import basis_logprobs
+    from ffv_eval.function_vectors import answer_scores
+
+    b = small_basis
+    stems = [("hot", "cold"), ("France", "Paris"), ("mouse", "mice"), ("walk", "walked")]
+    cached = basis_logprobs(b.patcher, b.tok, b.basis, stems)
+    _, full = answer_scores(b.patcher, b.tok, [WordPair(a, c) for a, c in stems], b.basis.layer, b.basis.vectors)
+    assert torch.allclose(cached, full.T, atol=1e-4), (cached - full.T).abs().max()
