@@ -334,3 +334,32 @@ def test_html_page_renders_table_and_plots_in_chromium(real_runs, tmp_path):
         low, high = grey.getextrema()
         dark = sum(grey.histogram()[:200])
     assert high - low > 100 and dark > 0.01 * 1200 * 2000, "the screenshot is blank"
+
+
+# -- tables from ffv align reports and ffv check baselines ----------------------------------
+
+def test_alignment_and_vector_quality_tables(real_runs, tmp_path):
+    from ffv_eval.cli import main
+    from ffv_eval.leaderboard_sections import SectionError, alignment_section
+
+    baseline = Path(__file__).resolve().parent.parent / "vectors" / MODEL / "quality-baseline.json"
+    figures = json.loads(baseline.read_text())["vectors"]["ffv/antonym"]
+    report = {"model": MODEL, "sets": {kind: {
+        "n_vectors": 24, "relsim": {"spearman": rho, "ci95": [rho - 0.05, rho + 0.05], "n_comparisons": 600},
+        "semeval_prototypicality": {"mean_spearman": rho / 2, "ci95": [0.0, rho], "n_subcategories": 15}}
+        for kind, rho in (("fv", 0.123), ("ffv", 0.234))}}
+    align_file = tmp_path / "align.json"
+    align_file.write_text(json.dumps(report))
+    prefix = tmp_path / "board"
+    assert main(["leaderboard", str(real_runs["dir"]), "--out-prefix", str(prefix), "--alignment", str(align_file),
+                 "--vector-quality", str(baseline)]) == 0
+    markdown = (tmp_path / "board.md").read_text()
+    assert "## Alignment with human judgments" in markdown
+    assert f"| {MODEL} | ffv | 0.234 [0.184, 0.284] | 600 | 0.117 [0.000, 0.234] | 15 |" in markdown
+    assert f"| {MODEL} | antonym | {figures['zero_shot_accuracy']:.2f} |" in markdown
+    assert f"{figures['accuracy']:.2f} / {figures['decoding_hits']}" in markdown
+    assert "Alignment with human judgments" in (tmp_path / "board.html").read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": MODEL}))
+    with pytest.raises(SectionError, match="bad.json: not an `ffv align` report: field 'sets' is missing"):
+        alignment_section([str(bad)])
