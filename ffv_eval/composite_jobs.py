@@ -63,7 +63,8 @@ def explain_pairs(pairs: list[str], model_name: str = "gemma-3-270m", basis_dir=
         rows = composite.explain(a, b, top)
         out.append(rows)
         print_(f"{a}:{b}  (CFV norm {float(composite.vector(a, b).norm()):.1f}, layer {composite.layer})")
-        print_(f"  {'relation':<48} {'posterior':>9} {'weight':>8}")
+        width = max(len(name) for name, _, _ in rows)
+        print_(f"  {'relation':<{width}} {'posterior':>9} {'weight':>8}")
         for name, posterior, weight in rows:
-            print_(f"  {name:<48} {posterior:>9.3f} {weight:>8.3f}")
+            print_(f"  {name:<{width}} {posterior:>9.3f} {weight:>8.3f}")
     return out

@@ -170,3 +170,18 @@ def test_cached_basis_scores_equal_full_forward_scores(small_basis):
     cached = basis_logprobs(b.patcher, b.tok, b.basis, stems)
     _, full = answer_scores(b.patcher, b.tok, [WordPair(a, c) for a, c in stems], b.basis.layer, b.basis.vectors)
     assert torch.allclose(cached, full.T, atol=1e-4), (cached - full.T).abs().max()
+
+
+@pytest.mark.slow
+def test_ffv_compose_shows_top_relations_and_weights(small_basis, capsys):
+    from ffv_eval.cli import main
+
+    assert main(["compose", "--basis", str(small_basis.directory), "--pair", "France:Paris", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("France:Paris  (CFV norm") and "layer 6" in lines[0]
+    name, posterior, weight = lines[2].split()
+    assert name == "project/country-capital" and float(posterior) > 0.5
+    assert main(["compose", "--basis", str(small_basis.directory), "--pair", "France-Paris"]) == 2
+    assert "expected a:b" in capsys.readouterr().err
+    assert main(["compose", "--basis", str(small_basis.directory / "nothing"), "--pair", "a:b"]) == 2
+    assert "no composite map" in capsys.readouterr().err
