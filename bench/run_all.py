@@ -13,9 +13,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
-    ("causal mediation", ["bench_mediation.py", "--prompts", "2"]),
-    ("patched scoring", ["bench_scoring.py", "--task", "u2_analogy", "--limit", "100"]),
-    ("FFV training", ["bench_training.py", "--relations", "8", "--steps", "30"]),
+    ("causal mediation", ["bench_mediation.py", "--prompts", "1"]),
+    ("patched scoring", ["bench_scoring.py", "--task", "u2_analogy", "--limit", "50", "--repeats", "1"]),
+    ("FFV training", ["bench_training.py", "--relations", "4", "--steps", "20"]),
 ]
 
 

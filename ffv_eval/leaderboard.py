@@ -211,7 +211,7 @@ def condition_name(task: str, n_shot: int, vector_kind: str | None, vector_relat
     if vector_kind is None:
         return f"{n_shot}-shot" if n_shot > 0 else "unpatched"
     name = vector_kind
-    if vector_relation and task != f"relation_{vector_relation}":
+    if vector_kind != "cfv" and vector_relation and task != f"relation_{vector_relation}":  # a CFV is per question
         name = f"{vector_kind}:{vector_relation}"
     return f"{name}+{n_shot}-shot" if n_shot > 0 else name
 

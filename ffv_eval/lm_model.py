@@ -135,7 +135,8 @@ class FFVPatchedLM(HFLM):
             info["ffv_vector"] = {
                 "kind": COMPOSITE,
                 "path": str(self.composite.cmap.basis.directory),
-                "relation": "per question (composite)",
+                "relation": None,
+                "composition": "per question, from its source pair",
                 "patch_layer": self.patch_layer,
                 "patch_scale": self.patch_scale,
                 "layer": self.patch_layer,
