@@ -8,6 +8,7 @@ both, the ratio, the largest difference between the vectors, and peak memory.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -21,6 +22,7 @@ from ffv_eval.vector_store import load_vector, shipped_path
 
 
 def main() -> None:
+    os.environ.pop("FFV_DATA_DIR", None)  # the project's word pairs, whatever the caller's data directory
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--relations", type=int, default=8)
