@@ -260,14 +260,11 @@ class FFVPatchedLM(HFLM):
                 hidden = self.patcher.final_hidden(
                     ids, None, layer=self.patch_layer, vector=patch, positions=torch.tensor(positions)
                 )
-                for (request_str, _, _), cont, (start, end), h in zip(chunk, conts, spans, hidden):
-                    logprobs = F.log_softmax(self.patcher.adapter.unembed(h[start:end]).float(), dim=-1)
-                    target = torch.tensor(cont, device=logprobs.device)
-                    answer = (float(logprobs[torch.arange(len(cont)), target].sum()), bool((logprobs.argmax(-1) == target).all()))
-                    results.append(answer)
-                    if request_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
-                    progress.update(1)
+            for (request_str, _, _), answer in zip(chunk, _continuation_scores(self.patcher.adapter.unembed, hidden, spans, conts)):
+                results.append(answer)
+                if request_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                progress.update(1)
         progress.close()
         return by_length.get_original(results)
 
@@ -305,3 +302,21 @@ class FFVPatchedLM(HFLM):
             use_cache=True,
             **kwargs,
         )
+
+
+@torch.no_grad()
+def _continuation_scores(unembed, hidden: torch.Tensor, spans, continuations) -> list[tuple[float, bool]]:
+    """(sum of log P(continuation), greedy?) per row, unembedding only the continuation
+    positions of all rows in one matmul (bit-identical to HFLM's per-position log-softmax)."""
+    rows = torch.cat([torch.full((end - start,), i) for i, (start, end) in enumerate(spans)])
+    cols = torch.cat([torch.arange(start, end) for start, end in spans])
+    logits = unembed(hidden[rows.to(hidden.device), cols.to(hidden.device)]).float()  # [positions, vocab]
+    targets = torch.tensor([t for cont in continuations for t in cont], device=logits.device)
+    greedy = logits.argmax(-1) == targets
+    picked = F.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    out, first = [], 0
+    for start, end in spans:
+        n = end - start
+        out.append((float(picked[first : first + n].sum()), bool(greedy[first : first + n].all())))
+        first += n
+    return out
