@@ -4,6 +4,7 @@ fingerprint that ties a stored vector to the model it was made for."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -123,8 +124,19 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         h.update(f"{key}={getattr(text_config, key, None)};".encode())
-    embed = model.get_input_embeddings().weight
-    rows = torch.linspace(0, embed.shape[0] - 1, 64).long()
-    sample = embed.detach()[rows.to(embed.device)].float().cpu()
+    embeddings = model.get_input_embeddings()
+    with _weights_present(embeddings):  # a module offloaded by a device_map holds meta tensors
+        embed = embeddings.weight
+        rows = torch.linspace(0, embed.shape[0] - 1, 64).long()
+        sample = embed.detach()[rows.to(embed.device)].float().cpu()
     h.update(sample.round(decimals=4).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _weights_present(module: torch.nn.Module):
+    """A context in which `module`'s weights hold data, also when accelerate offloaded them."""
+    if getattr(module, "_hf_hook", None) is None:
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module, torch.device("cpu"))

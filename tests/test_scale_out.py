@@ -44,3 +44,35 @@ def test_two_cpu_processes_score_like_one(tmp_path, shared_data):
             assert [float(r[0]) for r in two_samples[key]] == pytest.approx([float(r[0]) for r in resps], abs=1e-3)
         else:
             assert two_samples[key] == resps
+
+
+def _requests():
+    from lm_eval.api.instance import Instance
+
+    ll = [Instance("loglikelihood", {}, (f"Q: {a}\nA:", f" {b}"), i) for i, (a, b) in enumerate([("hot", "cold"), ("big", "small"), ("up", "down")])]
+    gen = [Instance("generate_until", {}, ("Q: early\nA:", {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}), 0)]
+    return ll, gen
+
+
+@pytest.mark.slow
+def test_device_map_placement_with_disk_offload_scores_like_one_device(tmp_path):
+    """parallelize=True places the model with accelerate's device_map="auto" under a memory bound:
+    here the later blocks (including the patched one) are offloaded to disk, and the patched
+    log-likelihoods and generations equal the model on one device."""
+    from ffv_eval.lm_model import FFVPatchedLM
+
+    ll, gen = _requests()
+    args = dict(pretrained="gemma-3-270m", vector="antonym", layer=12, batch_size=4)
+    whole = FFVPatchedLM(**args)
+    expected_ll, expected_gen, fingerprint = whole.loglikelihood(ll), whole.generate_until(gen), whole.fingerprint
+    plain = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=4).loglikelihood(ll)
+    del whole
+    placed = FFVPatchedLM(**args, parallelize=True, max_cpu_memory="900MB", offload_folder=str(tmp_path / "offload"))
+    where = placed.model.hf_device_map
+    assert where["model.layers.12"] == "disk" and where["model.embed_tokens"] == "cpu"
+    assert placed.fingerprint == fingerprint  # read through accelerate's offload hooks
+    got_ll = placed.loglikelihood(ll)
+    assert [g for _, g in got_ll] == [g for _, g in expected_ll]
+    assert [x for x, _ in got_ll] == pytest.approx([x for x, _ in expected_ll], abs=1e-4)
+    assert [x for x, _ in got_ll] != pytest.approx([x for x, _ in plain], abs=1e-3)  # the vector acted
+    assert placed.generate_until(gen) == expected_gen
