@@ -372,8 +372,12 @@ def summary_lines(board: Leaderboard) -> list[str]:
     ]
 
 
+COMPOSITE_RELATION = "per question (composite)"  # a CFV records no relation of its own
+
+
 def vector_rows(board: Leaderboard) -> list[list]:
-    return [[e.model, e.condition, e.task, e.vector.kind, e.vector.relation, e.vector.path, e.vector.layer,
+    return [[e.model, e.condition, e.task, e.vector.kind,
+             e.vector.relation or (COMPOSITE_RELATION if e.vector.kind == "cfv" else None), e.vector.path, e.vector.layer,
              e.vector.patch_layer, e.vector.scale, e.vector.patch_scale]
             for e in board.entries if e.vector is not None]
 
