@@ -363,3 +363,13 @@ def test_alignment_and_vector_quality_tables(real_runs, tmp_path):
     bad.write_text(json.dumps({"model": MODEL}))
     with pytest.raises(SectionError, match="bad.json: not an `ffv align` report: field 'sets' is missing"):
         alignment_section([str(bad)])
+
+
+def test_a_composite_run_names_its_relation_as_per_question(real_runs, tmp_path):
+    def as_cfv(d):
+        d["config"]["ffv_vector"].update(kind="cfv", relation=None)
+
+    _copy_edited(_file_of(real_runs["dir"], "ffv"), tmp_path / "results_cfv.json", as_cfv)
+    board = build_leaderboard([tmp_path])
+    assert [e.condition for e in board.entries] == ["cfv"]
+    assert leaderboard.vector_rows(board)[0][4] == leaderboard.COMPOSITE_RELATION
