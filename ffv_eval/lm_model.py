@@ -314,9 +314,5 @@ def _continuation_scores(unembed, hidden: torch.Tensor, spans, continuations) ->
     targets = torch.tensor([t for cont in continuations for t in cont], device=logits.device)
     greedy = logits.argmax(-1) == targets
     picked = F.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-    out, first = [], 0
-    for start, end in spans:
-        n = end - start
-        out.append((float(picked[first : first + n].sum()), bool(greedy[first : first + n].all())))
-        first += n
-    return out
+    lengths = [end - start for start, end in spans]
+    return [(float(p.sum()), bool(g.all())) for p, g in zip(picked.split(lengths), greedy.split(lengths))]
