@@ -10,7 +10,10 @@ removes itself.
 
 This covers `lm_eval ...`, `python -m lm_eval ...`, `lm_eval.simple_evaluate(...)` and any
 direct use of `lm_eval.api.registry.get_model` or `lm_eval.tasks.TaskManager`. A failure inside
-ffv_eval is reported on stderr and never breaks lm-eval.
+ffv_eval is reported on stderr and never breaks lm-eval: when ffv_eval itself cannot be imported
+(a broken or stale install, a missing dependency, a dependency version outside the supported
+range) one warning says why and the remaining step is skipped; a failure of one step warns for
+that step.
 
 Shipped as a copy in site-packages (both for wheel and editable installs, see hatch_build.py):
 after editing this file, reinstall the project. FFV_EVAL_NO_AUTOLOAD=1 switches the hook off.
@@ -25,17 +28,35 @@ _TRIGGERS = {
 }
 
 
+_import_failed = False  # ffv_eval could not be imported: warned once, nothing more to try
+
+
+def _one_line(err):
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
 def _warn(what, err):
     sys.stderr.write(
-        f"WARNING: ffv-eval could not {what} in lm-eval ({type(err).__name__}: {err}); "
+        f"WARNING: ffv-eval could not {what} in lm-eval ({_one_line(err)}); "
         "lm-eval works without it. Set FFV_EVAL_NO_AUTOLOAD=1 to silence this.\n"
     )
 
 
 def _run(trigger, module):
+    global _import_failed
+    if _import_failed:
+        return
     try:
         from ffv_eval import lm_eval_plugin
-
+    except Exception as err:  # a broken install: one warning for both steps
+        _import_failed = True
+        sys.stderr.write(
+            f"WARNING: ffv-eval is installed but cannot be imported ({_one_line(err)}); lm-eval's own "
+            "models and tasks work, the ffv-patched model and the ffv-eval tasks are missing. Reinstall "
+            "ffv-eval to fix it, or set FFV_EVAL_NO_AUTOLOAD=1 to silence this.\n"
+        )
+        return
+    try:
         if trigger == "lm_eval.tasks.manager":
             lm_eval_plugin.include_project_tasks(module.TaskManager)
         else:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import resource
 import time
 
 import torch
 
 from ffv_eval import function_vectors as fv
-from ffv_eval.model_loading import load_model_and_tokenizer
+from ffv_eval.model_loading import input_device, load_model_and_tokenizer
 from ffv_eval.patching import Patcher
 from ffv_eval.relations import load_relation
+from peak_memory import peak_text, reset_peak
 
 
 def main() -> None:
@@ -32,6 +32,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, tok = load_model_and_tokenizer(args.model)
     patcher = Patcher(model)
+    device = input_device(model)
+    reset_peak(device)
     relation = load_relation(args.relation)
     rng = random.Random(0)
     clean = fv.encode_prompts(tok, *fv.icl_prompts(relation.train, 8, 10, rng, False))
@@ -58,7 +60,7 @@ def main() -> None:
     print(f"cached, head-batched scan:                                 {fast_s:8.2f} s  ({fast_s / args.prompts:.2f} s/prompt)")
     print(f"speed-up over the plain loop: {full_s / fast_s:.1f}x, over the last-position loop: {slow_s / fast_s:.1f}x")
     print(f"max |difference| of indirect effects: {(fast - full).abs().max():.2e} (plain loop), {(fast - slow).abs().max():.2e} (last-position loop)")
-    print(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(peak_text(device))
 
 
 if __name__ == "__main__":

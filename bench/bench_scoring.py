@@ -1,7 +1,8 @@
 """Benchmark: patched scoring against stock lm-eval. One lm-eval log-likelihood task at one batch
 size, in one process, side by side: `--model hf` (no vector), `ffv-patched` without a vector
-(scores must be identical), and `ffv-patched` with a vector. Prints the times, the ratio
-patched / hf (target <= 1.0) and peak memory.
+(scores must be identical), and `ffv-patched` with a vector, on the same device (CUDA when there
+is one). Prints the times, the ratio patched / hf (target <= 1.0) and peak memory (on CUDA the
+most GPU memory allocated, per side; on the CPU the process's peak RSS, which only grows).
 
     FFV_DATA_DIR=../shared/data python bench/bench_scoring.py --task u2_analogy --limit 100
 """
@@ -9,12 +10,9 @@ patched / hf (target <= 1.0) and peak memory.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from peak_memory import peak_text, reset_peak
 
 
 def main() -> None:
@@ -31,7 +29,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from ffv_eval.lm_model import FFVPatchedLM
-    from ffv_eval.model_loading import resolve_pretrained
+    from ffv_eval.model_loading import default_device, resolve_pretrained
 
     def score(lm):
         best, out = None, None
@@ -44,19 +42,22 @@ def main() -> None:
         lls = [r[0][0] for s in out["samples"][args.task] for r in s["resps"]]
         return best, out["results"][args.task], lls
 
-    hf = HFLM(pretrained=resolve_pretrained(args.model), device="cpu", batch_size=args.batch_size)
+    device = default_device()
+    reset_peak(device)
+    hf = HFLM(pretrained=resolve_pretrained(args.model), device=device, batch_size=args.batch_size)
     hf_s, hf_res, hf_ll = score(hf)
-    hf_mem = _peak_mib()
+    hf_mem = peak_text(device)
     del hf
-    patched = FFVPatchedLM(pretrained=args.model, batch_size=args.batch_size)
+    reset_peak(device)
+    patched = FFVPatchedLM(pretrained=args.model, device=device, batch_size=args.batch_size)
     plain_s, plain_res, plain_ll = score(patched)
     patched.set_vector(args.vector)
     vec_s, vec_res, _ = score(patched)
     n = len(hf_ll)
     print(f"{args.model}, task {args.task}, {n} log-likelihood requests, batch size {args.batch_size}, best of {args.repeats}")
-    print(f"hf, no vector:                   {hf_s:7.2f} s   acc {hf_res['acc,none']:.3f}   peak RSS {hf_mem:.0f} MiB")
+    print(f"hf, no vector:                   {hf_s:7.2f} s   acc {hf_res['acc,none']:.3f}   {hf_mem}")
     print(f"ffv-patched, no vector:          {plain_s:7.2f} s   acc {plain_res['acc,none']:.3f}")
-    print(f"ffv-patched, vector {args.vector}:  {vec_s:7.2f} s   acc {vec_res['acc,none']:.3f}   peak RSS {_peak_mib():.0f} MiB")
+    print(f"ffv-patched, vector {args.vector}:  {vec_s:7.2f} s   acc {vec_res['acc,none']:.3f}   {peak_text(device)}")
     print(f"ratio patched / hf: {vec_s / hf_s:.2f} (target <= 1.0); unpatched / hf: {plain_s / hf_s:.2f}")
     print(f"max |log-likelihood difference| ffv-patched (no vector) vs hf: {max(abs(a - b) for a, b in zip(hf_ll, plain_ll)):.2e}; "
           f"same acc: {hf_res['acc,none'] == plain_res['acc,none']}")

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 
 import torch
 
 from ffv_eval.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
-from ffv_eval.model_loading import load_model_and_tokenizer
+from ffv_eval.model_loading import input_device, load_model_and_tokenizer
 from ffv_eval.patching import Patcher
 from ffv_eval.relations import load_relation, project_relations
 from ffv_eval.vector_store import load_vector, shipped_path
+from peak_memory import peak_text, reset_peak
 
 
 def main() -> None:
@@ -31,6 +31,8 @@ def main() -> None:
 
     model, tok = load_model_and_tokenizer(args.model)
     patcher = Patcher(model)
+    device = input_device(model)
+    reset_peak(device)
     names = project_relations()[: args.relations]
     fvs = [load_vector(shipped_path(args.model, "fv", n)) for n in names]
     layer = fvs[0].metadata["layer"]  # one layer for all, as in a basis
@@ -49,7 +51,7 @@ def main() -> None:
     print(f"one relation at a time: {alone_s:6.2f} s per relation")
     print(f"{len(names)} relations per pass:  {together_s:6.2f} s per relation")
     print(f"speed-up {alone_s / together_s:.1f}x; largest relative difference between the vectors {diff:.1e}; "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+          f"{peak_text(device)}")
 
 
 if __name__ == "__main__":

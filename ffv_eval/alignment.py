@@ -106,7 +106,8 @@ def relation_profiles(patcher: Patcher, tokenizer, pairs: Sequence[tuple[str, st
     columns = []
     for stored in vectors:
         _, logprob = answer_scores(patcher, tokenizer, word_pairs, stored.metadata["layer"], stored.vector[None])
-        columns.append(logprob[0])
+        columns.append(logprob[0].cpu())
+    # float64 on the CPU: correlations and bootstrap statistics over the profiles, not model work.
     profiles = torch.stack(columns, dim=1).double()
     return profiles - profiles.mean(dim=0, keepdim=True)
 
@@ -207,11 +208,13 @@ def write_alignment(report: dict, path: str | Path) -> Path:
 
 def align_shipped_vectors(model_alias: str, kinds: Sequence[str] = ("fv", "ffv"), data_dir=None, output=None, markdown=None,
                           max_comparisons: int | None = None, max_subcategories: int | None = None, seed: int = 0,
-                          progress: Callable[[str], None] = lambda m: print(m, flush=True)) -> dict:
-    """`ffv align`: the model's shipped vectors of each kind, against relsim and SemEval-2012."""
-    from ffv_eval.model_loading import load_model_and_tokenizer, model_fingerprint
+                          progress: Callable[[str], None] = lambda m: print(m, flush=True), placement=None) -> dict:
+    """`ffv align`: the model's shipped vectors of each kind, against relsim and SemEval-2012.
+    placement: a model_loading.Placement (default: the default device, the checkpoint's dtype)."""
+    from ffv_eval.model_loading import Placement, load_model_and_tokenizer, model_fingerprint
     from ffv_eval.vector_store import VECTORS_DIR, load_vector
 
+    placement = (placement or Placement()).checked()
     vector_sets = {}
     for kind in kinds:
         paths = sorted((VECTORS_DIR / model_alias / kind).glob("*.safetensors"))
@@ -220,7 +223,7 @@ def align_shipped_vectors(model_alias: str, kinds: Sequence[str] = ("fv", "ffv")
         vector_sets[kind] = [load_vector(p) for p in paths]
     if data_dir_from_env(data_dir) is None:
         raise RelationDataError("ffv align needs a data directory (--data-dir or FFV_DATA_DIR) with relsim/ and semeval2012/")
-    model, tokenizer = load_model_and_tokenizer(model_alias)
+    model, tokenizer = load_model_and_tokenizer(model_alias, **vars(placement))
     fingerprint = model_fingerprint(model)
     for kind, vectors in vector_sets.items():
         for v in vectors:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ffv_eval.json_lines import json_line_objects
-from ffv_eval.relations import data_dir_from_env
+from ffv_eval.relations import data_dir_from_env, no_data_dir_message
 from ffv_eval.task_data import first_words
 
 QUESTION_SETS = ("sat", "u2", "u4", "bats", "google")
@@ -36,6 +37,12 @@ COMPLETION_SUBDIR = "analogy_completion"
 UCLA_VAT_FILE = Path("ucla_vat") / "UCLA_VAT.csv"
 UCLA_VAT_COLUMNS = ("Relation", "A", "B", "C", "D", "D'")
 HUB_DATASET = "relbert/analogy_questions"
+# The dataset's commit used without a data directory (head of `main` when pinned, "Update
+# analogy_questions.py"); a later push to the hub cannot change the questions under the same task.
+HUB_REVISION = "d607d2b6dbe4cf86623fa542bc6d696e10ec3799"
+# Seconds allowed to open a connection to the hub, name lookup included, before the hub counts
+# as unreachable.
+HUB_CONNECT_TIMEOUT_S = 1.0
 # lm-eval split names of the analogy_questions files
 LM_EVAL_SPLITS = {"test": "test", "validation": "valid"}
 # Response recorded when a participant skipped the problem: not an answer.
@@ -52,40 +59,55 @@ class AnalogyDataError(ValueError):
 
 # -- data directory ------------------------------------------------------------------------------
 def _no_data_dir(what: str, looked_for: str, hub_note: str = "") -> AnalogyDataError:
-    return AnalogyDataError(
-        f"{what}: no data directory given; set FFV_DATA_DIR=<dir> or pass lm-eval "
-        f"--metadata '{{\"data_dir\": \"<dir>\"}}' with {looked_for} under <dir>{hub_note}"
-    )
+    return AnalogyDataError(no_data_dir_message(what, looked_for) + hub_note)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """True if the Hugging Face hub answers a TCP connection (and offline mode is off)."""
+def _hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """True if the Hugging Face hub accepts a TCP connection within `timeout` seconds (name
+    lookup included: it runs in a daemon thread, since getaddrinfo has no timeout of its own);
+    False at once in offline mode."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return False
     host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    connected, done = [], threading.Event()
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                connected.append(True)
+        except OSError:
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, name="ffv-hub-check", daemon=True).start()
+    done.wait(timeout)
+    return bool(connected)
 
 
 def _hub_questions_file(name: str, split: str) -> Path:
-    """The analogy_questions file of the Hugging Face dataset relbert/analogy_questions (same
-    format as the public repository); raises AnalogyDataError saying where it looked."""
+    """The analogy_questions file of the Hugging Face dataset relbert/analogy_questions at
+    HUB_REVISION (same format as the public repository): from the local hub cache if it is
+    there, else downloaded when the hub answers within HUB_CONNECT_TIMEOUT_S; otherwise an
+    AnalogyDataError naming the data directory option."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
     what = f"analogy questions '{name}' ({split})"
     looked_for = f"{QUESTIONS_SUBDIR}/{name}/{split}.jsonl"
+    remote = f"dataset/{name}/{split}.jsonl"
+    where = f"the Hugging Face hub dataset {HUB_DATASET} (revision {HUB_REVISION})"
+    # a plain cache lookup: hf_hub_download(local_files_only=True) may still go on the network
+    cached = try_to_load_from_cache(HUB_DATASET, remote, revision=HUB_REVISION, repo_type="dataset")
+    if isinstance(cached, str):
+        return Path(cached)
     if not _hub_reachable():
-        raise _no_data_dir(what, looked_for, f" (the Hugging Face hub dataset {HUB_DATASET} is not reachable)")
+        raise _no_data_dir(what, looked_for, f" ({where} is not reachable: offline, or no connection within "
+                                             f"{HUB_CONNECT_TIMEOUT_S:g} s)")
     try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(HUB_DATASET, f"dataset/{name}/{split}.jsonl", repo_type="dataset"))
+        return Path(hf_hub_download(HUB_DATASET, remote, repo_type="dataset", revision=HUB_REVISION))
     except Exception as err:  # noqa: BLE001 - any hub failure ends in the same advice
-        raise _no_data_dir(
-            what, looked_for, f" (download of dataset/{name}/{split}.jsonl from {HUB_DATASET} failed: {err})"
-        ) from err
+        raise _no_data_dir(what, looked_for, f" (download of {remote} from {where} failed: {err})") from err
 
 
 def _check_name(name: str, known: tuple[str, ...], what: str) -> None:

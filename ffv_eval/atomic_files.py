@@ -1,4 +1,5 @@
-"""Writing files so that a failed or interrupted write leaves nothing half-written."""
+"""Writing files so that a failed or interrupted write leaves nothing half-written, and only
+where a job may write (never into the installed package)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,28 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+class UnwritableOutput(ValueError):
+    pass
+
+
+def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
+    """Raise UnwritableOutput, naming `path` and the `option` that picks another place, if
+    `path` lies inside the installed ffv_eval package (shipped files are read-only) or its
+    folder cannot be created or written. Call it before any model work."""
+    import ffv_eval
+
+    path = Path(path).absolute()
+    package = Path(ffv_eval.__file__).resolve().parent
+    if path.resolve().is_relative_to(package):
+        raise UnwritableOutput(f"{path}: inside the installed ffv-eval package ({package}), which jobs never write; "
+                               f"pass {option} with a path elsewhere, or run from a directory of your own "
+                               f"(outputs default to ./vectors there)")
+    folder = next(p for p in path.parents if p.exists())  # the folder, or the ancestor it will be made in
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UnwritableOutput(f"{path}: cannot write there ({folder} is not a writable folder); pass {option} with a "
+                               f"path elsewhere")
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

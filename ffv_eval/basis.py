@@ -25,7 +25,7 @@ from ffv_eval import __version__
 from ffv_eval.basis_sources import BasisRelation
 from ffv_eval.fine_tuning import TrainingSettings, train_function_vectors
 from ffv_eval.function_vectors import encode_prompts, first_token_scores, icl_prompts, mean_head_outputs, pad_id_of
-from ffv_eval.model_loading import cache_root
+from ffv_eval.model_loading import cache_root, input_device
 from ffv_eval.patching import Patcher
 from ffv_eval.vector_store import VECTORS_DIR, VectorFileError, load_vector, save_vector
 
@@ -60,7 +60,7 @@ class FunctionHeads:
 @dataclass
 class Basis:
     names: list[str]
-    vectors: torch.Tensor  # [R, hidden]
+    vectors: torch.Tensor  # [R, hidden], float32 (on the CPU as loaded; users move them to the model)
     layer: int
     model_fingerprint: str
     directory: Path
@@ -100,9 +100,9 @@ def starting_vector(patcher: Patcher, tokenizer, relation: BasisRelation, heads:
     shots = min(settings.n_shots, len(relation.pairs) - 1)
     prompts = encode_prompts(tokenizer, *icl_prompts(relation.pairs, settings.init_prompts, shots, rng, False))
     mean_heads = mean_head_outputs(patcher, prompts, pad_id_of(tokenizer))
-    vector = torch.zeros(patcher.adapter.hidden_size)
+    vector = torch.zeros(patcher.adapter.hidden_size, dtype=torch.float32, device=input_device(patcher.model))
     for layer, head in heads.heads:
-        vector += patcher.adapter.head_contributions(layer, mean_heads[layer])[head]
+        vector += patcher.adapter.head_contributions(layer, mean_heads[layer])[head].to(vector.device, torch.float32)
     return vector * heads.scale
 
 

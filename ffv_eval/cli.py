@@ -6,6 +6,25 @@ import argparse
 import sys
 
 
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --device-map: where and in which dtype a subcommand's model runs (the
+    one home of these arguments; model_loading.Placement validates them)."""
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when a GPU is available, else cpu); not with --device-map")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the checkpoint's own, the default), float32, bfloat16 or float16: the model's weights "
+                             "and activations; vectors stay float32")
+    parser.add_argument("--device-map", default=None,
+                        help="accelerate's placement across the GPUs (and CPU), e.g. auto, instead of one --device")
+
+
+def placement_of(args):
+    """The validated placement of parsed arguments (errors before any model work)."""
+    from ffv_eval.model_loading import Placement
+
+    return Placement(args.device, args.dtype, args.device_map).checked()
+
+
 def _extract(args) -> None:
     from ffv_eval.vector_jobs import extract_and_save
     from ffv_eval.function_vectors import ExtractionSettings
@@ -17,7 +36,7 @@ def _extract(args) -> None:
         **({"scale_choices": (args.scale,)} if args.scale else {}),
     )
     for relation in args.relation:
-        extract_and_save(args.model, relation, args.out, args.data_dir, settings, args.force)
+        extract_and_save(args.model, relation, args.out, args.data_dir, settings, args.force, placement=placement_of(args))
 
 
 def _train(args) -> None:
@@ -27,25 +46,26 @@ def _train(args) -> None:
     settings = TrainingSettings(n_pairs=args.pairs_count, steps=args.steps, batch_size=args.batch_size,
                                 learning_rate=args.lr, l2=args.l2, init=args.init, seed=args.seed)
     for relation in args.relation:
-        train_and_save(args.model, relation, args.out, args.start_from, args.data_dir, settings, args.pairs, args.force)
+        train_and_save(args.model, relation, args.out, args.start_from, args.data_dir, settings, args.pairs, args.force,
+                       placement=placement_of(args))
 
 
 def _decode(args) -> None:
     from ffv_eval.vector_jobs import decode_and_print
 
-    decode_and_print(args.vector, args.model, args.top, args.data_dir)
+    decode_and_print(args.vector, args.model, args.top, args.data_dir, placement=placement_of(args))
 
 
 def _build_library(args) -> None:
     from ffv_eval.vector_jobs import build_library
 
-    build_library(args.model, args.relations, args.force)
+    build_library(args.model, args.relations, args.force, placement=placement_of(args))
 
 
 def _compare(args) -> None:
     from ffv_eval.comparison import compare_conditions
 
-    compare_conditions(args.model, args.relations, limit=args.limit, batch_size=args.batch_size,
+    compare_conditions(args.model, args.relations, limit=args.limit, batch_size=args.batch_size, placement=placement_of(args),
                        num_fewshot=args.num_fewshot, data_dir=args.data_dir, output=args.output, kinds=args.kinds,
                        markdown=args.markdown, command="ffv " + " ".join(sys.argv[1:]))
 
@@ -54,7 +74,8 @@ def _check(args) -> int:
     from ffv_eval.quality_gate import Tolerances, run_check
 
     tolerances = Tolerances(args.max_accuracy_drop, args.max_gain_drop, args.max_decoding_hit_drop, args.max_movement)
-    return run_check(args.model, args.vectors, args.baseline, args.kinds, tolerances, args.update_baseline)
+    return run_check(args.model, args.vectors, args.baseline, args.kinds, tolerances, args.update_baseline,
+                     placement=placement_of(args))
 
 
 def _basis_build(args) -> None:
@@ -65,13 +86,13 @@ def _basis_build(args) -> None:
     build_basis_and_map(args.model, args.data_dir, args.sources, args.out, args.force,
                         BasisSettings(steps=args.steps, relations_per_pass=args.relations_per_pass),
                         MapSettings(steps=args.map_steps, analogies_per_relation=args.analogies_per_relation),
-                        args.max_relations)
+                        args.max_relations, placement=placement_of(args))
 
 
 def _compose(args) -> None:
     from ffv_eval.composite_jobs import explain_pairs
 
-    explain_pairs(args.pair, args.model, args.basis, args.top)
+    explain_pairs(args.pair, args.model, args.basis, args.top, placement=placement_of(args))
 
 
 def _leaderboard(args) -> None:
@@ -81,14 +102,15 @@ def _leaderboard(args) -> None:
     leaderboard_command(args.results_dirs, args.markdown or f"{prefix}.md", args.csv or f"{prefix}.csv",
                         args.html or f"{prefix}.html", allow_mixed_versions=args.allow_mixed_versions,
                         run_models=args.run_models, tasks=args.tasks, conditions=args.conditions, limit=args.limit,
-                        batch_size=args.batch_size, alignment_files=args.alignment, quality_files=args.vector_quality)
+                        batch_size=args.batch_size, alignment_files=args.alignment, quality_files=args.vector_quality,
+                        data_dir=args.data_dir)
 
 
 def _align(args) -> None:
     from ffv_eval.alignment import align_shipped_vectors
 
     align_shipped_vectors(args.model, args.kinds, args.data_dir, args.output, args.markdown,
-                          args.max_comparisons, args.max_subcategories, args.seed)
+                          args.max_comparisons, args.max_subcategories, args.seed, placement=placement_of(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract a function vector by causal mediation")
     p.add_argument("--model", default="gemma-3-270m", help="embedded alias, Hugging Face id or local path")
     p.add_argument("--relation", required=True, nargs="+")
-    p.add_argument("--out", help="output .safetensors (default: vectors/<model>/fv/<relation>.safetensors)")
+    p.add_argument("--out", help="output .safetensors (default: ./vectors/<model>/fv/<relation>.safetensors in the working directory)")
     p.add_argument("--data-dir", help="read Todd et al.'s files from this directory (default: $FFV_DATA_DIR, else the project's pairs)")
     p.add_argument("--layer", type=int, help="add the vector after this block (default: chosen by validation accuracy)")
     p.add_argument("--top-k", type=int, help="number of heads (default: chosen from 1, 3, 10)")
@@ -108,14 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--effect-prompts", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing vector")
+    add_placement_arguments(p)
     p.set_defaults(run=_extract)
 
     p = sub.add_parser("train", help="fine-tune a function vector (FFV) with the model frozen")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--relation", required=True, nargs="+")
     p.add_argument("--init", choices=["fv", "random"], default="fv", help="start from the relation's FV, or random (the ablation)")
-    p.add_argument("--start-from", help="FV file to start from (default: vectors/<model>/fv/<relation>.safetensors)")
-    p.add_argument("--out", help="output .safetensors (default: vectors/<model>/ffv[-random]/<relation>.safetensors)")
+    p.add_argument("--start-from", help="FV file to start from (default: the relation's FV in ./vectors/<model>/fv/, else the shipped one)")
+    p.add_argument("--out", help="output .safetensors (default: ./vectors/<model>/ffv[-random]/<relation>.safetensors in the working directory)")
     p.add_argument("--pairs", help="training pairs (.jsonl of {input, output}; default: the relation's train split)")
     p.add_argument("--pairs-count", type=int, default=20, help="number of training pairs used")
     p.add_argument("--data-dir", help="read Todd et al.'s files from this directory")
@@ -125,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l2", type=float, default=0.01, help="weight of the L2 term (|v|/|v0|)^2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
+    add_placement_arguments(p)
     p.set_defaults(run=_train)
 
     p = sub.add_parser("decode", help="tokens a vector promotes through the final norm and unembedding")
@@ -132,12 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--data-dir")
+    add_placement_arguments(p)
     p.set_defaults(run=_decode)
 
-    p = sub.add_parser("build-library", help="build the shipped FV, FFV and random-init FFV of every relation for a model")
+    p = sub.add_parser("build-library", help="build the FV, FFV and random-init FFV of every relation for a model under ./vectors "
+                                            "(run in the checkout: the shipped library)")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--relations", nargs="+", help="default: every relation with project word pairs")
     p.add_argument("--force", action="store_true", help="rebuild everything from scratch")
+    add_placement_arguments(p)
     p.set_defaults(run=_build_library)
 
     p = sub.add_parser("compare", help="score a model zero-shot, with its vectors, and k-shot with lm-eval")
@@ -151,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", default=None, choices=["fv", "ffv", "ffv-random"],
                    help="shipped vectors to patch in, one condition each (default: every kind shipped for all the relations)")
     p.add_argument("--markdown", help="also write the table, with the command that regenerates it, as Markdown here")
+    add_placement_arguments(p)
     p.set_defaults(run=_compare)
 
     p = sub.add_parser("leaderboard", help="one table (model x condition x task) of lm-eval results files, as Markdown, CSV and HTML")
@@ -162,12 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="self-contained HTML page with plots (default: PREFIX.html)")
     p.add_argument("--allow-mixed-versions", action="store_true", help="show runs of different task versions side by side")
     p.add_argument("--run", nargs="+", metavar="MODEL", dest="run_models", help="first run the missing lm-eval evaluations of these models")
-    p.add_argument("--tasks", nargs="+", help="tasks for --run (relations / relations_all expand to relation_<name>)")
+    p.add_argument("--tasks", nargs="+", help="tasks for --run (groups of ffv-eval's tasks, e.g. relations, todd, expand to their tasks)")
     p.add_argument("--conditions", nargs="+", default=["unpatched", "fv", "ffv", "10-shot"],
                    help="for --run: unpatched, <k>-shot, a vector kind (fv, ffv, ffv-random: each relation's own), "
                         "or <kind>:<relation> (one vector for all tasks)")
     p.add_argument("--limit", type=int, default=None, help="for --run: test examples per task")
     p.add_argument("--batch-size", type=int, default=16, help="for --run")
+    p.add_argument("--data-dir", help="for --run: data directory of the todd_<relation> and analogy tasks, recorded in "
+                                      "the results (default: $FFV_DATA_DIR)")
     p.add_argument("--alignment", nargs="+", default=[], help="`ffv align --output` files to show as a table")
     p.add_argument("--vector-quality", nargs="+", default=[],
                    help="`ffv check` baseline files (vectors/<model>/quality-baseline.json) to show: test accuracy, gain, decoding hits")
@@ -176,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="CI gate: compare vector quality with a baseline file (exit 1 on a regression)")
     p.add_argument("vectors", nargs="*", help=".safetensors files (default: the model's shipped vectors of --kinds)")
     p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--baseline", help="baseline file (default: vectors/<model>/quality-baseline.json)")
+    p.add_argument("--baseline", help="baseline file (default: ./vectors/<model>/quality-baseline.json if it exists, else the shipped "
+                                          "one; --update-baseline writes only the file given or that ./vectors one)")
     p.add_argument("--kinds", nargs="+", default=["fv", "ffv"], choices=["fv", "ffv", "ffv-random"],
                    help="shipped vector kinds checked when no files are given")
     p.add_argument("--update-baseline", action="store_true", help="measure and write the baseline instead of checking")
@@ -184,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gain-drop", type=float, default=0.04, help="absolute drop in gain over zero-shot allowed")
     p.add_argument("--max-decoding-hit-drop", type=int, default=2, help="drop in answer tokens among the top 20 allowed")
     p.add_argument("--max-movement", type=float, default=0.05, help="relative L2 distance from the baseline vector allowed")
+    add_placement_arguments(p)
     p.set_defaults(run=_check)
 
     p = sub.add_parser("basis", help="the basis of composite function vectors")
@@ -200,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--analogies-per-relation", type=int, default=4, help="training analogies drawn per basis relation")
     p.add_argument("--max-relations", type=int, help="use only the first N relations (for quick trials)")
     p.add_argument("--force", action="store_true", help="retrain every basis FFV")
+    add_placement_arguments(p)
     p.set_defaults(run=_basis_build)
 
     p = sub.add_parser("compose", help="show the top basis relations and weights of the CFV for a pair")
@@ -207,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--basis", help="basis directory (default: $FFV_CACHE_DIR/basis/<model>)")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--top", type=int, default=10)
+    add_placement_arguments(p)
     p.set_defaults(run=_compose)
 
     p = sub.add_parser("align", help="agreement of FV / FFV relation representations with human similarity judgments")
@@ -218,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the figures as JSON here")
     p.add_argument("--markdown", help="write the table as Markdown here")
+    add_placement_arguments(p)
     p.set_defaults(run=_align)
     return parser
 
@@ -228,7 +263,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.run(args)
-    except (ValueError, FileNotFoundError, DivergedTraining) as err:  # our errors name the file, field or line
+    except (ValueError, FileNotFoundError, TimeoutError, DivergedTraining) as err:  # our errors name the file, field or line
         print(f"ffv: error: {err}", file=sys.stderr)
         return 2
     return status or 0

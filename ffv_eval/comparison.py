@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ffv_eval import TASKS_DIR
 from ffv_eval.atomic_files import atomic_write_text
-from ffv_eval.relations import HEADLINE_RELATIONS, load_relation, project_relations
+from ffv_eval.relations import HEADLINE_RELATIONS, load_project_relation, load_todd_relation, project_relations
 from ffv_eval.vector_store import KINDS, VectorFileError, shipped_path
 
 
@@ -25,27 +25,32 @@ def _score(lm, task_manager, task: str, num_fewshot: int, limit: int | None) -> 
 
 
 def compare_conditions(model: str = "gemma-3-270m", relations=None, limit=None, batch_size=16, num_fewshot=10,
-                       data_dir=None, output=None, kinds=None, markdown=None, command=None) -> dict:
+                       data_dir=None, output=None, kinds=None, markdown=None, command=None, placement=None) -> dict:
     """Per relation: zero-shot, patched with the model's shipped vector of each kind in `kinds`
-    (fv, ffv, ffv-random), and num_fewshot-shot, each an lm-eval run of relation_<name>."""
+    (fv, ffv, ffv-random), and num_fewshot-shot, each an lm-eval run of relation_<name>.
+    placement: a model_loading.Placement, passed to lm-eval's HFLM as device=, dtype= (and
+    parallelize=True with the device map)."""
     from lm_eval.tasks import TaskManager
 
     from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.model_loading import Placement
+
+    model_args = (placement or Placement()).lm_eval_args()  # validated before any model work
 
     relations = project_relations() if relations in (["all"], ("all",)) else list(relations or HEADLINE_RELATIONS)
     if kinds is None:  # every kind of vector shipped for all the relations
         kinds = [k for k in KINDS if all(shipped_path(model, k, name).exists() for name in relations)]
     for name in relations:  # bad names, data files and missing vectors fail before the model loads
-        load_relation(name, data_dir)
+        load_todd_relation(name, data_dir) if data_dir else load_project_relation(name)
         for kind in kinds:
             if not shipped_path(model, kind, name).exists():
                 raise VectorFileError(f"no shipped {kind} for {name} on {model}: {shipped_path(model, kind, name)}")
     task_manager = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": data_dir} if data_dir else None)
-    lm = FFVPatchedLM(pretrained=model, batch_size=batch_size)
+    lm = FFVPatchedLM(pretrained=model, batch_size=batch_size, **model_args)
     conditions = ["zero_shot", *kinds, f"{num_fewshot}_shot"]
     rows = {}
     for name in relations:
-        task, t = f"relation_{name}", time.perf_counter()
+        task, t = f"{'todd' if data_dir else 'relation'}_{name}", time.perf_counter()  # todd_<name>: Todd et al.'s files
         row = {"vectors": {}}
         for condition in conditions:
             lm.set_vector(None if condition in ("zero_shot", conditions[-1]) else str(shipped_path(model, condition, name)))

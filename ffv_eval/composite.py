@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ffv_eval import __version__
 from ffv_eval.atomic_files import atomic_write, atomic_write_text
 from ffv_eval.basis import Basis, BasisError, load_basis
 from ffv_eval.basis_sources import BasisRelation
-from ffv_eval.function_vectors import answer_token_id, pad_id_of, right_pad
+from ffv_eval.function_vectors import answer_log_probs, answer_token_id, encode_continuation, encode_prompts, pad_id_of, right_pad
 from ffv_eval.json_lines import json_document
+from ffv_eval.model_loading import input_device
 from ffv_eval.patching import Patcher
-from ffv_eval.prompts import fewshot_prompt, query_text
+from ffv_eval.prompts import answer_text, fewshot_prompt, query_text
 from ffv_eval.relations import WordPair
 
 COMPOSITE_FORMAT = "ffv-eval/composite/1"
@@ -65,39 +65,51 @@ class CompositeMap:
     metadata: dict = field(default_factory=dict)
 
     def weights(self, posterior: torch.Tensor) -> torch.Tensor:
-        """Posterior [N, R] -> weights [N, R]."""
-        return posterior @ self.weight.T + self.bias
+        """Posterior [N, R] -> weights [N, R], float32 on the posterior's device."""
+        posterior = posterior.float()
+        return posterior @ self.weight.to(posterior.device, torch.float32).T + self.bias.to(posterior.device, torch.float32)
 
     def vectors(self, posterior: torch.Tensor) -> torch.Tensor:
-        """Posterior [N, R] -> CFVs [N, hidden]."""
-        return self.weights(posterior) @ self.basis.vectors
+        """Posterior [N, R] -> CFVs [N, hidden], float32 on the posterior's device."""
+        return self.weights(posterior) @ self.basis.vectors.to(posterior.device, torch.float32)
 
 
-def check_word(tokenizer, word: str, where: str) -> None:
-    if not isinstance(word, str) or not word.strip():
-        raise BasisError(f"{where}: empty word {word!r}: the basis cannot encode it")
+def check_words(tokenizer, words: Sequence[str], prompt: str, answer: str, where: str) -> None:
+    """`words` (those in `prompt`) and `answer` are non-empty, and the answer has a first token
+    after the prompt (see function_vectors.encode_continuation); else a BasisError naming `where`."""
+    for word in (*words, answer):
+        if not isinstance(word, str) or not word.strip():
+            raise BasisError(f"{where}: empty word {word!r}: the basis cannot encode it")
     try:
-        answer_token_id(tokenizer, word)
+        answer_token_id(tokenizer, prompt, answer)
     except ValueError as err:
-        raise BasisError(f"{where}: the basis cannot encode {word!r}: {err}") from err
+        raise BasisError(f"{where}: the basis cannot encode {answer!r}: {err}") from err
 
 
 @torch.no_grad()
 def basis_logprobs(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tuple[str, str]]) -> torch.Tensor:
     """[N, R]: log P(B's first token | `Q: A\nA:` + FFV_r) for each stem and basis relation.
     The prompt before its last token is run once per stem (key/value cache); only the last
-    token is run for the R basis vectors, which all sit at the basis layer."""
-    out = torch.zeros(len(stems), len(basis.names))
-    base = patcher.adapter.base_model()
+    token is run for the R basis vectors, which all sit at the basis layer; their logits are
+    unembedded LOGIT_ROWS rows at a time (function_vectors.answer_log_probs)."""
+    device = input_device(patcher.model)
     n = len(basis.names)
+    # float32: log-probabilities (see answer_log_probs); the posterior is a softmax over them.
+    out = torch.zeros(len(stems), n, dtype=torch.float32, device=device)
+    base = patcher.adapter.base_model()
+    vectors = basis.vectors.to(device, torch.float32)
+    positions = torch.zeros(n, dtype=torch.long, device=device)
     for i, (a, b) in enumerate(stems):
-        ids = torch.tensor([tokenizer(query_text(a)).input_ids])
+        context, answer = encode_continuation(tokenizer, query_text(a), answer_text(b))
+        if not answer:
+            raise BasisError(f"source pair {a}:{b}: the basis cannot encode {b!r}: it encodes to no tokens")
+        ids = torch.tensor([context], dtype=torch.long, device=device)
         cache = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
         cache.batch_repeat_interleave(n)
-        hidden = patcher.final_hidden(ids[:, -1:].expand(n, 1), None, layer=basis.layer, vector=basis.vectors,
-                                      positions=torch.zeros(n, dtype=torch.long), past_key_values=cache, use_cache=True)
-        logits = patcher.adapter.unembed(hidden[:, 0]).float()
-        out[i] = logits.log_softmax(-1)[:, answer_token_id(tokenizer, b)]
+        hidden = patcher.final_hidden(ids[:, -1:].expand(n, 1), None, layer=basis.layer, vector=vectors,
+                                      positions=positions, past_key_values=cache, use_cache=True)
+        answers = torch.full((n,), answer[0], dtype=torch.long, device=device)
+        out[i] = answer_log_probs(patcher.adapter, hidden[:, 0], answers)[0].to(device)
     return out
 
 
@@ -124,17 +136,17 @@ def one_shot_prompt(a: str, b: str, c: str) -> str:
     return fewshot_prompt([WordPair(a, b)], c)
 
 
-def _completion_batch(tokenizer, analogies: Sequence[Analogy]):
-    ids, mask, last = right_pad([tokenizer(one_shot_prompt(x.a, x.b, x.c)).input_ids for x in analogies], pad_id_of(tokenizer))
-    answers = torch.tensor([answer_token_id(tokenizer, x.d) for x in analogies])
-    return ids, mask, last, answers
-
-
-def completion_logits(patcher: Patcher, tokenizer, analogies: Sequence[Analogy], layer: int, vectors: torch.Tensor | None):
-    """Logits of the token after `Q: A\\nA: B\\n\\nQ: C\\nA:` with vectors [N, hidden] added there; and the answers."""
-    ids, mask, last, answers = _completion_batch(tokenizer, analogies)
-    hidden = patcher.final_hidden(ids, mask, layer=layer, vector=vectors, positions=last)
-    return patcher.adapter.unembed(hidden[torch.arange(len(analogies)), last]).float(), answers
+def completion_scores(patcher: Patcher, tokenizer, analogies: Sequence[Analogy], layer: int, vectors: torch.Tensor | None):
+    """Per analogy, for the token after `Q: A\\nA: B\\n\\nQ: C\\nA:` with vectors [N, hidden] added
+    there: log P(D's first token) (float32, differentiable in the vectors) and whether it is the
+    most likely token."""
+    device = input_device(patcher.model)
+    prompts = encode_prompts(tokenizer, [one_shot_prompt(x.a, x.b, x.c) for x in analogies], [x.d for x in analogies])
+    ids, mask, last = right_pad(prompts.input_ids, pad_id_of(tokenizer), device)
+    answers = torch.tensor(prompts.answer_ids, dtype=torch.long, device=device)
+    hidden = patcher.final_hidden(ids, mask, layer=layer, vector=None if vectors is None else vectors.to(device), positions=last)
+    last_hidden = hidden[torch.arange(len(analogies), device=hidden.device), last.to(hidden.device)]
+    return answer_log_probs(patcher.adapter, last_hidden, answers)
 
 
 @torch.no_grad()
@@ -142,8 +154,8 @@ def completion_accuracy(patcher, tokenizer, analogies, layer, vectors=None, batc
     hits = 0
     for start in range(0, len(analogies), batch_size):
         chunk = analogies[start : start + batch_size]
-        logits, answers = completion_logits(patcher, tokenizer, chunk, layer, None if vectors is None else vectors[start : start + batch_size])
-        hits += int((logits.argmax(-1) == answers).sum())
+        _, top = completion_scores(patcher, tokenizer, chunk, layer, None if vectors is None else vectors[start : start + batch_size])
+        hits += int(top.sum())
     return hits / max(1, len(analogies))
 
 
@@ -161,8 +173,9 @@ def fit_composite_map(
     if not analogies:
         raise BasisError("no training analogies: every basis relation has fewer than two spare pairs")
     for x in analogies:
-        for word in (x.a, x.b, x.c, x.d):
-            check_word(tokenizer, word, f"training analogy from {x.relation}")
+        where = f"training analogy {x.a}:{x.b}::{x.c}:{x.d} from {x.relation}"
+        check_words(tokenizer, [x.a], query_text(x.a), x.b, where)
+        check_words(tokenizer, [x.a, x.b, x.c], one_shot_prompt(x.a, x.b, x.c), x.d, where)
     t = time.perf_counter()
     rng = random.Random(settings.seed)
     order = list(analogies)
@@ -173,8 +186,12 @@ def fit_composite_map(
     posterior_valid = relation_posterior(patcher, tokenizer, basis, [(x.a, x.b) for x in valid], settings.temperature)
     progress(f"[ffv] posteriors of {len(order)} training analogies over {len(basis.names)} basis relations ({time.perf_counter() - t:.0f}s)")
     n = len(basis.names)
-    weight = torch.eye(n).requires_grad_(True)
-    bias = torch.zeros(n).requires_grad_(True)
+    device = input_device(patcher.model)
+    basis_vectors = basis.vectors.to(device, torch.float32)
+    # float32: the map and its Adam state, like a trained vector (see fine_tuning).
+    identity = torch.eye(n, dtype=torch.float32, device=device)
+    weight = identity.clone().requires_grad_(True)
+    bias = torch.zeros(n, dtype=torch.float32, device=device).requires_grad_(True)
     optimizer = torch.optim.Adam([weight, bias], lr=settings.learning_rate)
     torch.manual_seed(settings.seed)
     losses = []
@@ -183,9 +200,9 @@ def fit_composite_map(
         for step in range(settings.steps):
             rows = rng.sample(range(len(train)), min(settings.batch_size, len(train)))
             p = posterior_train[rows]
-            vectors = (p @ weight.T + bias) @ basis.vectors
-            logits, answers = completion_logits(patcher, tokenizer, [train[i] for i in rows], basis.layer, vectors)
-            loss = F.cross_entropy(logits, answers) + settings.l2 / n * ((weight - torch.eye(n)).pow(2).sum() + bias.pow(2).sum())
+            vectors = (p @ weight.T + bias) @ basis_vectors
+            log_prob, _ = completion_scores(patcher, tokenizer, [train[i] for i in rows], basis.layer, vectors)
+            loss = -log_prob.to(device).mean() + settings.l2 / n * ((weight - identity).pow(2).sum() + bias.pow(2).sum())
             if not torch.isfinite(loss):
                 raise BasisError(f"fitting the composite map diverged at step {step + 1} (loss {loss.item()})")
             optimizer.zero_grad()
@@ -194,13 +211,13 @@ def fit_composite_map(
             losses.append(loss.item())
             if (step + 1) % 25 == 0 or step + 1 == settings.steps:
                 progress(f"[ffv] map step {step + 1}/{settings.steps}: loss {sum(losses[-25:]) / len(losses[-25:]):.3f}")
-    fitted = CompositeMap(basis, weight.detach().clone(), bias.detach().clone(), settings.temperature)
-    identity = CompositeMap(basis, torch.eye(n), torch.zeros(n), settings.temperature)
+    fitted = CompositeMap(basis, weight.detach().cpu().clone(), bias.detach().cpu().clone(), settings.temperature)
+    unmapped = CompositeMap(basis, identity.cpu(), torch.zeros(n, dtype=torch.float32, device="cpu"), settings.temperature)
     metrics = {
         "validation_analogies": len(valid),
         "training_analogies": len(train),
         "validation_accuracy_unpatched": completion_accuracy(patcher, tokenizer, valid, basis.layer),
-        "validation_accuracy_posterior_weights": completion_accuracy(patcher, tokenizer, valid, basis.layer, identity.vectors(posterior_valid)),
+        "validation_accuracy_posterior_weights": completion_accuracy(patcher, tokenizer, valid, basis.layer, unmapped.vectors(posterior_valid)),
         "validation_accuracy_fitted_map": completion_accuracy(patcher, tokenizer, valid, basis.layer, fitted.vectors(posterior_valid)),
         "validation_top_relation_correct": _top_relation_share(basis, posterior_valid, valid),
         "first_loss": losses[0],
@@ -280,8 +297,7 @@ class CompositeVectors:
         origin (task, document) for errors."""
         todo = list(dict.fromkeys(s for s in stems if s not in self._cache))
         for a, b in todo:
-            for word in (a, b):
-                check_word(self.tokenizer, word, (where or {}).get((a, b), f"source pair {a}:{b}"))
+            check_words(self.tokenizer, [a], query_text(a), b, (where or {}).get((a, b), f"source pair {a}:{b}"))
         if todo:
             posterior = relation_posterior(self.patcher, self.tokenizer, self.cmap.basis, todo, self.cmap.temperature)
             for stem, p, v in zip(todo, posterior, self.cmap.vectors(posterior)):

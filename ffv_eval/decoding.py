@@ -10,21 +10,24 @@ import torch
 
 from ffv_eval.architectures import ArchitectureAdapter
 from ffv_eval.function_vectors import answer_token_id
+from ffv_eval.model_loading import input_device
+from ffv_eval.prompts import query_text
 from ffv_eval.relations import WordPair
 
 
 @dataclass
 class Decoding:
     tokens: list[str]  # top-k promoted tokens, best first
-    hits: list[bool]  # token is the first token of one of the relation's answers
+    hits: list[bool]  # token is the first token of one of the relation's answers (after its `Q: x\nA:` prompt)
     n_hits: int
 
 
 @torch.no_grad()
 def decode_vector(adapter: ArchitectureAdapter, tokenizer, vector: torch.Tensor, pairs: Sequence[WordPair], k: int = 20) -> Decoding:
-    logits = adapter.decode_residual(vector.to(next(adapter.model.parameters()).dtype))
-    top = logits.float().topk(k).indices.tolist()
-    answers = {answer_token_id(tokenizer, p.output) for p in pairs}
+    answers = {answer_token_id(tokenizer, query_text(p.input), p.output) for p in pairs}
+    dtype = adapter.model.get_input_embeddings().weight.dtype
+    logits = adapter.decode_residual(vector.to(input_device(adapter.model), dtype))
+    top = logits.topk(k).indices.tolist()
     hits = [t in answers for t in top]
     return Decoding([tokenizer.decode([t]) for t in top], hits, sum(hits))
 

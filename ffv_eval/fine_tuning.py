@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ffv_eval.function_vectors import encode_prompts, pad_id_of, right_pad
+from ffv_eval.function_vectors import answer_log_probs, encode_prompts, pad_id_of, right_pad
+from ffv_eval.model_loading import input_device
 from ffv_eval.patching import Patcher
 from ffv_eval.prompts import query_text
 from ffv_eval.relations import RelationDataError, WordPair
@@ -37,8 +37,8 @@ class TrainingSettings:
 
 @dataclass
 class TrainingResult:
-    vector: torch.Tensor
-    initial_vector: torch.Tensor
+    vector: torch.Tensor  # float32 on the CPU
+    initial_vector: torch.Tensor  # float32 on the CPU
     losses: list[float]
     seconds: float
 
@@ -58,9 +58,11 @@ def check_training_pairs(pairs: Sequence[WordPair], held_out: Sequence[WordPair]
 
 
 def random_like(vector: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    direction = torch.randn(vector.shape, generator=generator)
-    return direction / direction.norm() * vector.norm()
+    """A seeded random direction with `vector`'s norm, float32 on `vector`'s device."""
+    # Drawn on the CPU generator so that a seed gives the same direction on every device.
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    direction = torch.randn(vector.shape, generator=generator, dtype=torch.float32, device="cpu").to(vector.device)
+    return direction / direction.norm() * vector.float().norm()
 
 
 def train_function_vector(
@@ -93,8 +95,13 @@ def train_function_vectors(
         raise ValueError(f"--init must be 'fv' or 'random', got {settings.init!r}")
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
+    device = input_device(patcher.model)
     n_relations = len(pair_lists)
-    starts = [v.float() if settings.init == "fv" else random_like(v.float(), settings.seed) for v in initials]
+    # float32 whatever the model's dtype: the trained vectors and their Adam state (steps of
+    # 0.05 x the vector's RMS would vanish in bfloat16's 8-bit mantissa); patching casts each
+    # step's vector to the model's dtype, and gradients flow back through that cast.
+    initials = initials.to(device, torch.float32)
+    starts = [v if settings.init == "fv" else random_like(v, settings.seed) for v in initials]
     vectors = [v0.clone().requires_grad_(True) for v0 in starts]
     optimizer = torch.optim.Adam(
         [{"params": [v], "lr": settings.learning_rate * float(v0.norm() / math.sqrt(v0.numel()))} for v, v0 in zip(vectors, starts)]
@@ -105,12 +112,13 @@ def train_function_vectors(
     with torch.enable_grad():
         for step in range(settings.steps):
             rows = [(r, i) for r in range(n_relations) for i in samplers[r].take(settings.batch_size)]
-            ids, mask, last = right_pad([prompts[r].input_ids[i] for r, i in rows], pad_id_of(tokenizer))
-            which = torch.tensor([r for r, _ in rows])
+            ids, mask, last = right_pad([prompts[r].input_ids[i] for r, i in rows], pad_id_of(tokenizer), device)
+            which = torch.tensor([r for r, _ in rows], dtype=torch.long, device=device)
             hidden = patcher.final_hidden(ids, mask, layer=layer, vector=torch.stack(vectors)[which], positions=last)
-            logits = patcher.adapter.unembed(hidden[torch.arange(len(rows)), last]).float()
-            answers = torch.tensor([prompts[r].answer_ids[i] for r, i in rows])
-            per_row = F.cross_entropy(logits, answers, reduction="none").view(n_relations, settings.batch_size)
+            last_hidden = hidden[torch.arange(len(rows), device=hidden.device), last.to(hidden.device)]
+            answers = torch.tensor([prompts[r].answer_ids[i] for r, i in rows], dtype=torch.long, device=device)
+            log_prob, _ = answer_log_probs(patcher.adapter, last_hidden, answers)  # float32
+            per_row = (-log_prob).to(device).view(n_relations, settings.batch_size)  # cross-entropy per row
             per_relation = per_row.mean(dim=1) + settings.l2 * torch.stack(
                 [(v.norm() / v0.norm()) ** 2 for v, v0 in zip(vectors, starts)])
             if not torch.isfinite(per_relation).all():
@@ -129,10 +137,10 @@ def train_function_vectors(
     seconds = time.perf_counter() - start
     results = []
     for v, v0, relation_losses in zip(vectors, starts, losses):
-        result = v.detach().clone()
+        result = v.detach().cpu().clone()
         if not torch.isfinite(result).all():
             raise DivergedTraining("training produced a non-finite vector")
-        results.append(TrainingResult(result, v0, relation_losses, seconds / n_relations))
+        results.append(TrainingResult(result, v0.detach().cpu().clone(), relation_losses, seconds / n_relations))
     return results
 
 

@@ -18,10 +18,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from ffv_eval.model_loading import input_device
 from ffv_eval.patching import Patcher
 from ffv_eval.prompts import answer_text, fewshot_prompt, query_text, shuffled_label_demos
 from ffv_eval.relations import RelationData, WordPair
+
+# The most rows of full-vocabulary logits that exist at once in extraction, training, basis and
+# composite scoring (Gemma 3: 64 x 262k float32 logits = 64 MiB): `answer_log_probs` unembeds
+# this many rows at a time, and mediation patches at most this many heads per forward pass.
+LOGIT_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -38,11 +45,11 @@ class ExtractionSettings:
 
 @dataclass
 class ExtractionResult:
-    vector: torch.Tensor  # [hidden]
+    vector: torch.Tensor  # [hidden], float32 on the CPU
     layer: int
     heads: list[tuple[int, int, float]]  # (layer, head, AIE), best first
     scale: float  # already applied to `vector`
-    indirect_effects: torch.Tensor  # [L, H] AIE
+    indirect_effects: torch.Tensor  # [L, H] AIE, float32 on the CPU
     validation_accuracy: float
     validation_accuracy_by_layer: dict[int, float]  # best over top-k and scale, per layer
     zero_shot_validation_accuracy: float
@@ -56,18 +63,44 @@ class PromptSet:
     answer_ids: list[int]  # first token of each prompt's answer
 
 
-def answer_token_id(tokenizer, word: str) -> int:
-    ids = tokenizer(answer_text(word), add_special_tokens=False).input_ids
+def encode_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval finds them (`HFLM._encode_pair`): trailing
+    whitespace of the context moves into the continuation, context + continuation is tokenized
+    whole, and the continuation is the tokens after the context's own tokens. Unlike taking the
+    continuation tokenized alone, this never yields the bare dummy-prefix piece that
+    SentencePiece tokenizers (Llama 2, Mistral) put before a leading space. A context whose
+    tokens are not a prefix of the whole text's tokens (the continuation merges into the
+    context's last token) is an error."""
+    stripped = context.rstrip()
+    if stripped != context:
+        context, continuation = stripped, context[len(stripped):] + continuation
+    context_ids = list(tokenizer(context).input_ids)
+    whole_ids = list(tokenizer(context + continuation).input_ids)
+    if whole_ids[: len(context_ids)] != context_ids:
+        raise ValueError(f"{continuation!r} after {context[-40:]!r}: the prompt's tokens are not a prefix of the tokens of "
+                         f"prompt + answer (the answer merges into the prompt's last token); separate the answer from "
+                         f"the prompt, e.g. with a space")
+    return context_ids, whole_ids[len(context_ids):]
+
+
+def answer_token_id(tokenizer, prompt: str, word: str) -> int:
+    """The first token of the answer `word` (` word`) where it follows `prompt`, as lm-eval scores it."""
+    _, ids = encode_continuation(tokenizer, prompt, answer_text(word))
     if not ids:
-        raise ValueError(f"answer {word!r} encodes to no tokens")
+        raise ValueError(f"answer {word!r} encodes to no tokens after {prompt[-40:]!r}")
     return ids[0]
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], answers: Sequence[str]) -> PromptSet:
-    return PromptSet(
-        input_ids=[tokenizer(t).input_ids for t in texts],
-        answer_ids=[answer_token_id(tokenizer, a) for a in answers],
-    )
+    """Each prompt's ids and its answer's first token after it (see encode_continuation)."""
+    input_ids, answer_ids = [], []
+    for text, answer in zip(texts, answers, strict=True):
+        context, continuation = encode_continuation(tokenizer, text, answer_text(answer))
+        if not continuation:
+            raise ValueError(f"answer {answer!r} encodes to no tokens after {text[-40:]!r}")
+        input_ids.append(context)
+        answer_ids.append(continuation[0])
+    return PromptSet(input_ids, answer_ids)
 
 
 def icl_prompts(pairs: Sequence[WordPair], n_prompts: int, n_shots: int, rng: random.Random, shuffle_labels: bool):
@@ -86,15 +119,43 @@ def icl_prompts(pairs: Sequence[WordPair], n_prompts: int, n_shots: int, rng: ra
     return texts, answers
 
 
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, S], attention mask, and each row's last real position [B]."""
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, S], attention mask, and each row's last real position [B], on
+    `device` (the model's input device)."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    # Built on the CPU from Python lists and moved in one copy.
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device="cpu")
     mask = torch.zeros_like(ids)
     for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
         mask[i, : len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
     return ids, mask, mask.sum(dim=1) - 1
+
+
+def answer_log_probs(adapter, final_hidden: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of final-normed hidden states [N, hidden]: log P(answers[n]) and whether it is the
+    most likely token, [N] each, unembedding at most LOGIT_ROWS rows at a time. Differentiable:
+    under autograd each chunk's logits are recomputed in the backward pass instead of kept."""
+    log_probs, top = [], []
+    keep_graph = torch.is_grad_enabled() and final_hidden.requires_grad
+    for start in range(0, final_hidden.shape[0], LOGIT_ROWS):
+        rows = slice(start, start + LOGIT_ROWS)
+        if keep_graph:
+            log_prob, is_top = checkpoint(_chunk_log_probs, adapter, final_hidden[rows], answers[rows], use_reentrant=False)
+        else:
+            log_prob, is_top = _chunk_log_probs(adapter, final_hidden[rows], answers[rows])
+        log_probs.append(log_prob)
+        top.append(is_top)
+    return torch.cat(log_probs), torch.cat(top)
+
+
+def _chunk_log_probs(adapter, hidden: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # float32: a log-softmax over 10^5 bfloat16 logits would round the answer's probability away.
+    logits = adapter.unembed(hidden).float()
+    answers = answers.to(logits.device)
+    log_prob = logits.log_softmax(-1).gather(-1, answers[:, None])[:, 0]
+    return log_prob, logits.argmax(-1) == answers
 
 
 def pad_id_of(tokenizer) -> int:
@@ -104,10 +165,13 @@ def pad_id_of(tokenizer) -> int:
 # -- step 2: mean head outputs -------------------------------------------------------------
 @torch.no_grad()
 def mean_head_outputs(patcher: Patcher, prompts: PromptSet, pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """[L, H, D] float32 mean of the heads' outputs at each prompt's last token."""
+    device = input_device(patcher.model)
     total = None
     for start in range(0, len(prompts.input_ids), batch_size):
-        ids, mask, last = right_pad(prompts.input_ids[start : start + batch_size], pad_id)
-        heads = patcher.head_outputs(ids, last, attention_mask=mask).sum(dim=0)
+        ids, mask, last = right_pad(prompts.input_ids[start : start + batch_size], pad_id, device)
+        # float32: a mean over many prompts accumulated in bfloat16 would round away small heads.
+        heads = patcher.head_outputs(ids, last, attention_mask=mask).float().sum(dim=0)
         total = heads if total is None else total + heads
     return total / len(prompts.input_ids)
 
@@ -122,16 +186,20 @@ def _all_heads(patcher: Patcher) -> list[tuple[int, int]]:
 def indirect_effects(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Tensor, head_batch: int = 128) -> torch.Tensor:
     """Per-prompt indirect effect of every head, [N, L, H]. The prefix before the last token
     is run once per prompt (key/value cache); only the last position is re-run, for many
-    patched heads per batch (row 0 of the first batch is the unpatched baseline)."""
+    patched heads per batch (row 0 of the first batch is the unpatched baseline). A batch's
+    last-position logits are materialised whole, so it holds at most LOGIT_ROWS rows."""
     a = patcher.adapter
+    device = input_device(patcher.model)
     rows = [(-1, 0)] + _all_heads(patcher)
-    effects = torch.zeros(len(prompts.input_ids), a.n_layers, a.n_heads)
+    step = max(1, min(head_batch, LOGIT_ROWS))
+    # float32: indirect effects are differences of probabilities, often below bfloat16's resolution.
+    effects = torch.zeros(len(prompts.input_ids), a.n_layers, a.n_heads, dtype=torch.float32, device=device)
     for p, (ids, answer) in enumerate(zip(prompts.input_ids, prompts.answer_ids)):
-        ids = torch.tensor([ids])
+        ids = torch.tensor([ids], dtype=torch.long, device=device)
         prefix_cache = a.base_model()(input_ids=ids[:, :-1], use_cache=True).past_key_values
         probs = []
-        for start in range(0, len(rows), head_batch):
-            chunk = rows[start : start + head_batch]
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(chunk))
             layers = [layer for layer, _ in chunk]
@@ -140,25 +208,33 @@ def indirect_effects(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Ten
             logits = patcher.last_logits_with_head_patches(
                 ids[:, -1:].expand(len(chunk), 1), layers, heads, values, past_key_values=cache, use_cache=True
             )
-            probs.append(torch.softmax(logits.float(), dim=-1)[:, answer])
-        probs = torch.cat(probs)
+            probs.append(_answer_probability(logits, answer))
+        probs = torch.cat(probs).to(device)
         effects[p] = (probs[1:] - probs[0]).view(a.n_layers, a.n_heads)
     return effects
 
 
+def _answer_probability(logits: torch.Tensor, answer: int) -> torch.Tensor:
+    # float32: the softmax over the whole vocabulary (see _chunk_log_probs).
+    return torch.softmax(logits.float(), dim=-1)[:, answer]
+
+
 @torch.no_grad()
-def indirect_effects_reference(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Tensor, full_model: bool = False) -> torch.Tensor:
+def indirect_effects_reference(patcher: Patcher, prompts: PromptSet, mean_heads: torch.Tensor, full_model: bool = False,
+                               heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
     """The straightforward loop: one forward pass per head per prompt. Slow; kept as the ground
     truth that `indirect_effects` is tested and benchmarked against. full_model: a plain model
-    forward with logits at every position (otherwise only the last position is unembedded)."""
+    forward with logits at every position (otherwise only the last position is unembedded).
+    heads: only these (layer, head) pairs, the others' effects left 0 (to time the loop on a subset)."""
     a = patcher.adapter
-    effects = torch.zeros(len(prompts.input_ids), a.n_layers, a.n_heads)
+    device = input_device(patcher.model)
+    effects = torch.zeros(len(prompts.input_ids), a.n_layers, a.n_heads, dtype=torch.float32, device=device)
     for p, (ids, answer) in enumerate(zip(prompts.input_ids, prompts.answer_ids)):
-        ids = torch.tensor([ids])
-        base = torch.softmax(a.unembed(a.base_model()(input_ids=ids).last_hidden_state[:, -1]).float(), -1)[0, answer]
-        for layer, head in _all_heads(patcher):
+        ids = torch.tensor([ids], dtype=torch.long, device=device)
+        base = _answer_probability(a.unembed(a.base_model()(input_ids=ids).last_hidden_state[:, -1]), answer)[0]
+        for layer, head in _all_heads(patcher) if heads is None else heads:
             logits = patcher.last_logits_with_head_patches(ids, [layer], [head], mean_heads[layer, head][None], full_model)
-            effects[p, layer, head] = torch.softmax(logits.float(), dim=-1)[0, answer] - base
+            effects[p, layer, head] = _answer_probability(logits, answer)[0].to(device) - base.to(device)
     return effects
 
 
@@ -170,12 +246,13 @@ def top_heads(aie: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
 
 
 def assemble_vector(patcher: Patcher, mean_heads: torch.Tensor, heads: Sequence[tuple[int, int, float]]) -> torch.Tensor:
-    """Sum of the chosen heads' mean outputs in the residual-stream basis."""
-    vector = torch.zeros(patcher.adapter.hidden_size)
+    """Sum of the chosen heads' mean outputs in the residual-stream basis, float32 (a stored
+    vector's dtype), on the model's input device."""
+    vector = torch.zeros(patcher.adapter.hidden_size, dtype=torch.float32, device=input_device(patcher.model))
     for layer in sorted({h[0] for h in heads}):
         contributions = patcher.adapter.head_contributions(layer, mean_heads[layer])
         for _, head, _ in (h for h in heads if h[0] == layer):
-            vector += contributions[head]
+            vector += contributions[head].to(vector.device, torch.float32)
     return vector
 
 
@@ -191,20 +268,24 @@ def answer_scores(
     """Zero-shot `Q: x\nA:` prompts with each of `vectors` [V, hidden] added after block
     `layer` at the last prompt token (or none, V = 1): per vector and pair [V, N], whether the
     most likely next token is the answer's first token, and that token's log-probability."""
+    device = input_device(patcher.model)
     prompts = encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
     n_vectors = 1 if vectors is None else vectors.shape[0]
+    if vectors is not None:
+        vectors = vectors.to(device, torch.float32)  # stored vectors are float32; patching casts to the model's dtype
     rows = [(v, i) for v in range(n_vectors) for i in range(len(pairs))]  # every vector x every prompt
-    hits = torch.zeros(len(rows))
-    logprob = torch.zeros(len(rows))
+    hits = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    logprob = torch.zeros(len(rows), dtype=torch.float32, device=device)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids, mask, last = right_pad([prompts.input_ids[i] for _, i in chunk], pad_id_of(tokenizer))
-        vector = None if vectors is None else vectors[torch.tensor([v for v, _ in chunk])]
+        ids, mask, last = right_pad([prompts.input_ids[i] for _, i in chunk], pad_id_of(tokenizer), device)
+        vector = None if vectors is None else vectors[torch.tensor([v for v, _ in chunk], dtype=torch.long, device=device)]
         hidden = patcher.final_hidden(ids, mask, layer=layer, vector=vector, positions=last)
-        logits = patcher.adapter.unembed(hidden[torch.arange(len(last)), last]).float()
-        answers = torch.tensor([prompts.answer_ids[i] for _, i in chunk])
-        hits[start : start + len(chunk)] = (logits.argmax(-1) == answers).float()
-        logprob[start : start + len(chunk)] = logits.log_softmax(-1)[torch.arange(len(chunk)), answers]
+        last_hidden = hidden[torch.arange(len(chunk), device=hidden.device), last.to(hidden.device)]
+        answers = torch.tensor([prompts.answer_ids[i] for _, i in chunk], dtype=torch.long, device=device)
+        chunk_logprob, chunk_hits = answer_log_probs(patcher.adapter, last_hidden, answers)
+        hits[start : start + len(chunk)] = chunk_hits.float().to(device)
+        logprob[start : start + len(chunk)] = chunk_logprob.to(device)
     return hits.view(n_vectors, len(pairs)), logprob.view(n_vectors, len(pairs))
 
 
@@ -271,4 +352,4 @@ def extract_function_vector(
         f"validation accuracy: zero-shot {baseline:.2f}; best FV: top-{k} heads x{scale:g} at layer {layer} "
         f"{accuracy:.2f} ({seconds['selection']:.1f}s over {len(layers)} layers x {len(candidates)} candidates)"
     )
-    return ExtractionResult(vectors[c], layer, ranked[:k], scale, aie, accuracy, by_layer, baseline, seconds)
+    return ExtractionResult(vectors[c].cpu(), layer, ranked[:k], scale, aie.cpu(), accuracy, by_layer, baseline, seconds)

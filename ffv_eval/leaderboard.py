@@ -4,11 +4,14 @@ CSV and a self-contained HTML page; with `--run`, the missing lm-eval runs are m
 A results file is what `lm_eval --output_path DIR` writes (`DIR/<model>/results_<date>.json`).
 Each (file, task) becomes one entry: the model (`config.ffv_model`, else model_args'
 `pretrained`), the condition (the patched vector's kind, `<k>-shot`, or `unpatched`) and the
-task's primary metric with lm-eval's standard error."""
+task's primary metric with lm-eval's standard error, plus what makes two runs of a cell
+comparable: the model fingerprint, the vector (file hash, layer, scale), the data source and the
+task version. `--run` reuses a cell only when all of these equal what it would run now."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -46,6 +49,7 @@ class VectorInfo:
     patch_layer: int | None
     scale: float | None
     patch_scale: float | None
+    sha256: str | None = None  # of the vector file (or basis directory), where the run recorded it
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Entry:
     vector: VectorInfo | None
     source: Path
     timestamp: float
+    model_fingerprint: str | None = None  # config.model_fingerprint (ffv-patched records it)
+    data_source: str | None = None  # see data_source(); None: not recorded
 
     @property
     def cell(self) -> tuple[str, str, str]:
@@ -197,21 +203,46 @@ def vector_info(config: dict, path: Path, task: str | None = None) -> VectorInfo
     if isinstance(per_task, dict) and isinstance(per_task.get(task), dict):
         used = per_task[task]
         recorded = {**recorded, "relation": str(task).removeprefix("relation_"), "path": used.get("path"),
-                    "layer": used.get("layer"), "patch_layer": used.get("layer")}
+                    "layer": used.get("layer"), "patch_layer": used.get("layer"), "sha256": used.get("sha256")}
+    sha256 = recorded.get("sha256")
     return VectorInfo(
         kind=recorded["kind"], relation=recorded.get("relation"), path=recorded.get("path"),
         layer=recorded.get("layer"), patch_layer=recorded.get("patch_layer"),
         scale=recorded.get("scale"), patch_scale=recorded.get("patch_scale"),
+        sha256=sha256 if isinstance(sha256, str) else None,
     )
+
+
+PROJECT_DATA = "project files"
+
+
+def data_source(task_config) -> str | None:
+    """Where a task's documents came from, read off its config as lm-eval records it in results
+    (`configs.<task>`) and as TaskManager builds it: the task YAML's `metadata.data_source` says
+    `project` (the project's own files, e.g. relation_<name>) or `data_dir` (a data directory:
+    todd_<name>, the analogy tasks), and lm-eval puts --metadata's `data_dir` next to it. None
+    when that is not recorded: a data directory given by $FFV_DATA_DIR alone, results from
+    before tasks declared their source, tasks of other projects. None never matches."""
+    metadata = task_config.get("metadata") if isinstance(task_config, dict) else None
+    if not isinstance(metadata, dict):
+        return None
+    declared, data_dir = metadata.get("data_source"), metadata.get("data_dir")
+    if declared == "project":
+        return PROJECT_DATA
+    if declared == "data_dir" and data_dir:
+        return f"data directory {data_dir}"
+    return None
 
 
 def condition_name(task: str, n_shot: int, vector_kind: str | None, vector_relation: str | None) -> str:
     """`unpatched`, `<k>-shot`, or the vector's kind; a vector made for another relation than the
-    task's is named `<kind>:<relation>`; a vector with demonstrations adds `+<k>-shot`."""
+    task's (relation_<name> or todd_<name>) is named `<kind>:<relation>`; a vector with
+    demonstrations adds `+<k>-shot`."""
     if vector_kind is None:
         return f"{n_shot}-shot" if n_shot > 0 else "unpatched"
     name = vector_kind
-    if vector_kind != "cfv" and vector_relation and task != f"relation_{vector_relation}":  # a CFV is per question
+    own_tasks = (f"relation_{vector_relation}", f"todd_{vector_relation}")
+    if vector_kind != "cfv" and vector_relation and task not in own_tasks:  # a CFV is per question
         name = f"{vector_kind}:{vector_relation}"
     return f"{name}+{n_shot}-shot" if n_shot > 0 else name
 
@@ -268,6 +299,8 @@ def entries_from_file(path: Path, data: dict) -> list[Entry]:
     lm_eval_version = str(data.get("lm_eval_version") or config.get("lm_eval_version") or "unknown")
     timestamp = _timestamp(data, path)
     limit = _number(config.get("limit"))
+    fingerprint = config.get("model_fingerprint")
+    task_configs = data.get("configs") if isinstance(data.get("configs"), dict) else {}
     entries = []
     for task, task_results in data["results"].items():
         if not isinstance(task_results, dict):
@@ -290,6 +323,7 @@ def entries_from_file(path: Path, data: dict) -> list[Entry]:
             n_samples=int(n_samples) if _number(n_samples) is not None else None,
             n_shot=int(n_shot), limit=limit, task_version=_version_text(data["versions"][task]),
             lm_eval_version=lm_eval_version, vector=vector, source=path, timestamp=timestamp,
+            model_fingerprint=str(fingerprint) if fingerprint else None, data_source=data_source(task_configs.get(task)),
         ))
     return entries
 
@@ -304,33 +338,45 @@ def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def newest_entries(entries: Iterable[Entry], replaced: Callable[[Entry, Entry], None] | None = None) -> dict[tuple[str, str, str], Entry]:
+    """The newest entry of each (model, condition, task): the one a leaderboard shows.
+    `replaced(newer, older)` hears of each older one set aside."""
+    newest: dict[tuple[str, str, str], Entry] = {}
+    for entry in sorted(entries, key=lambda e: (e.timestamp, str(e.source))):
+        older = newest.get(entry.cell)
+        if older is not None and replaced is not None:
+            replaced(entry, older)
+        newest[entry.cell] = entry
+    return newest
+
+
 def build_leaderboard(locations: Sequence[str | os.PathLike], allow_mixed_versions: bool = False) -> Leaderboard:
     """Read every results file; the newest run of a (model, condition, task) wins (stated in
-    the notes); different versions of one task are an error unless allowed."""
+    the notes); different versions or data sources of one task are an error unless allowed."""
     entries, files = read_entries(locations)
     if not entries:
         raise LeaderboardError(f"no task scores in {len(files)} results file(s): {', '.join(map(str, files))}")
     notes = []
-    newest: dict[tuple[str, str, str], Entry] = {}
-    for entry in sorted(entries, key=lambda e: (e.timestamp, str(e.source))):
-        older = newest.get(entry.cell)
-        if older is not None:
-            notes.append(f"{' / '.join(entry.cell)}: {display_path(entry.source)} ({_when(entry.timestamp)}) "
-                         f"replaces the older {display_path(older.source)} ({_when(older.timestamp)})")
-        newest[entry.cell] = entry
+
+    def note_replaced(entry: Entry, older: Entry) -> None:
+        notes.append(f"{' / '.join(entry.cell)}: {display_path(entry.source)} ({_when(entry.timestamp)}) "
+                     f"replaces the older {display_path(older.source)} ({_when(older.timestamp)})")
+
+    newest = newest_entries(entries, note_replaced)
     kept = sorted(newest.values(), key=lambda e: (e.model, condition_sort_key(e.condition), e.task))
     for task in sorted({e.task for e in kept}):
-        first_by_version: dict[str, Entry] = {}
-        for e in kept:
-            if e.task == task:
-                first_by_version.setdefault(e.task_version, e)
-        if len(first_by_version) > 1:
-            (v1, a), (v2, b) = list(first_by_version.items())[:2]
-            message = (f"task {task} has version {v1} in {a.source} but version {v2} in {b.source}")
-            if not allow_mixed_versions:
-                raise LeaderboardError(f"{message}; runs of different task versions are not mixed "
-                                       "(rerun them, or pass --allow-mixed-versions)")
-            notes.append(f"mixed task versions: {message}")
+        for what, value_of in (("version", lambda e: e.task_version), ("data source", lambda e: e.data_source or "unrecorded")):
+            first_by_value: dict[str, Entry] = {}
+            for e in kept:
+                if e.task == task:
+                    first_by_value.setdefault(value_of(e), e)
+            if len(first_by_value) > 1:
+                (v1, a), (v2, b) = list(first_by_value.items())[:2]
+                message = f"task {task} has {what} {v1} in {a.source} but {what} {v2} in {b.source}"
+                if not allow_mixed_versions:
+                    raise LeaderboardError(f"{message}; runs of different task versions or data sources are not mixed "
+                                           "(rerun them, or pass --allow-mixed-versions)")
+                notes.append(f"mixed task {what}s: {message}")
     return Leaderboard(entries=kept, sources=files, notes=notes)
 
 
@@ -383,12 +429,12 @@ def vector_rows(board: Leaderboard) -> list[list]:
 
 
 VECTOR_HEADER = ["model", "condition", "task", "kind", "relation", "path", "layer", "patch layer", "scale", "patch scale"]
-RUN_HEADER = ["model", "condition", "task", "n-shot", "n", "limit", "lm-eval", "task version", "results file"]
+RUN_HEADER = ["model", "condition", "task", "n-shot", "n", "limit", "lm-eval", "task version", "data", "results file"]
 
 
 def run_rows(board: Leaderboard) -> list[list]:
     return [[e.model, e.condition, e.task, e.n_shot, e.n_samples, None if e.limit is None else f"{e.limit:g}",
-             e.lm_eval_version, e.task_version, display_path(e.source)] for e in board.entries]
+             e.lm_eval_version, e.task_version, e.data_source or "unrecorded", display_path(e.source)] for e in board.entries]
 
 
 def gain_rows(board: Leaderboard) -> list[list]:
@@ -423,7 +469,7 @@ def format_markdown(board: Leaderboard, title: str = "Leaderboard") -> str:
 
 CSV_HEADER = ["model", "condition", "task", "metric", "value", "stderr", "n", "n_shot", "limit", "task_version",
               "lm_eval_version", "vector_kind", "vector_relation", "vector_path", "vector_layer", "patch_layer",
-              "vector_scale", "patch_scale", "results_file", "date"]
+              "vector_scale", "patch_scale", "results_file", "date", "data_source", "model_fingerprint", "vector_sha256"]
 
 
 def csv_row(entry: Entry) -> list:
@@ -432,7 +478,8 @@ def csv_row(entry: Entry) -> list:
     return [entry.model, entry.condition, entry.task, entry.metric, repr(entry.value),
             None if entry.stderr is None else repr(entry.stderr), entry.n_samples, entry.n_shot,
             None if entry.limit is None else f"{entry.limit:g}", entry.task_version, entry.lm_eval_version,
-            *vector_fields, display_path(entry.source), _when(entry.timestamp)]
+            *vector_fields, display_path(entry.source), _when(entry.timestamp), entry.data_source,
+            entry.model_fingerprint, v.sha256 if v else None]
 
 
 def write_csv(board: Leaderboard, path: str | os.PathLike) -> None:
@@ -479,19 +526,41 @@ class PlannedRun:
     labels: tuple[str, ...]  # the condition the reader will give each task's result
 
 
-def expand_tasks(tasks: Sequence[str]) -> list[str]:
-    """`relations` / `relations_all` become their relation_<name> tasks; other names stay."""
-    from ffv_eval.relations import HEADLINE_RELATIONS, project_relations
+@dataclass(frozen=True)
+class TaskPlan:
+    """A task as a run would record it: its version and data source (see data_source()); both
+    None for tasks that are not ffv-eval's, whose results are never reused."""
 
-    out: list[str] = []
-    for task in tasks:
-        if task == "relations":
-            out += [f"relation_{r}" for r in HEADLINE_RELATIONS]
-        elif task == "relations_all":
-            out += [f"relation_{r}" for r in project_relations()]
-        else:
-            out.append(task)
-    return list(dict.fromkeys(out))
+    name: str
+    version: str | None
+    data_source: str | None
+
+
+def plan_tasks(tasks: Sequence[str], data_dir: Path | None = None) -> list[TaskPlan]:
+    """The tasks of a `--run`: a group of ffv-eval's tasks/ (relations, relations_all, todd,
+    analogies) becomes its tasks, and each ffv-eval task is built by lm-eval's TaskManager with
+    the metadata the run will pass (`data_dir`), so missing or bad data fails here, before any
+    model loads. Other names (lm-eval's own tasks) stay as given."""
+    from lm_eval.tasks import TaskManager
+
+    from ffv_eval import TASKS_DIR
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata={"data_dir": str(data_dir)} if data_dir is not None else None)
+    known = set(manager.all_tasks)
+    plans: dict[str, TaskPlan] = {}
+    for name in tasks:
+        if name not in known:
+            plans.setdefault(name, TaskPlan(name, None, None))
+            continue
+        for task_name, task in manager.load([name])["tasks"].items():
+            plans.setdefault(task_name, TaskPlan(task_name, _version_text(task.VERSION), data_source(task.dump_config())))
+    return list(plans.values())
+
+
+def expand_tasks(tasks: Sequence[str], data_dir: Path | None = None) -> list[str]:
+    """Task names of a `--run`, groups of ffv-eval's tasks expanded (see plan_tasks)."""
+    return [plan.name for plan in plan_tasks(tasks, data_dir)]
 
 
 def plan_runs(models: Sequence[str], tasks: Sequence[str], conditions: Sequence[str]) -> list[PlannedRun]:
@@ -534,22 +603,139 @@ def plan_runs(models: Sequence[str], tasks: Sequence[str], conditions: Sequence[
     return runs
 
 
-def _same_limit(a: float | None, b: float | None) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and float(a) == float(b))
+def vector_sha256(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a vector file, or of a basis directory (every .safetensors and .json below it,
+    by relative path); None if there is nothing at `path`."""
+    if not path:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{hashlib.sha256(file.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
 
 
-def finished_cells(output_dir: Path, limit: int | None) -> dict[tuple[str, str, str], Path]:
-    """(model, condition, task) -> results file, for runs in output_dir made with this limit."""
-    if not output_dir.is_dir() or not visible_results_files(output_dir):
-        return {}
-    entries, _ = read_entries([output_dir])
-    return {e.cell: e.source for e in sorted(entries, key=lambda e: e.timestamp) if _same_limit(e.limit, limit)}
+@dataclass(frozen=True)
+class CellIdentity:
+    """What a results cell must share with a planned run to stand for it. `vector` is None
+    without a vector, else (file hash, patch layer, scale), a None inside meaning unknown."""
+
+    model_fingerprint: str | None
+    vector: tuple[str | None, int | None, float | None] | None
+    data_source: str | None
+    task_version: str | None
+    limit: float | None
 
 
-def evaluate_and_save(run: PlannedRun, output_dir: Path, limit: int | None, batch_size: int | str) -> Path:
+def recorded_identity(entry: Entry) -> CellIdentity:
+    """A results entry's identity. A vector whose run recorded no file hash is hashed where the
+    run said it was (a vector file changed in place since then goes unnoticed: ffv-patched
+    records `sha256` to close that gap)."""
+    v = entry.vector
+    vector = None if v is None else (
+        v.sha256 or vector_sha256(v.path), v.patch_layer, None if v.patch_scale is None else float(v.patch_scale))
+    return CellIdentity(entry.model_fingerprint, vector, entry.data_source, entry.task_version, entry.limit)
+
+
+def planned_vector(model: str, run: PlannedRun, task: str) -> tuple[str | None, int | None, float | None] | None:
+    """(file hash, layer, scale) of the vector `run` would patch into `task`; None without one.
+    The leaderboard patches at the vector's own layer, scale 1."""
+    from ffv_eval.vector_store import VectorFileError, load_vector, shipped_path
+
+    if run.vector is None:
+        return None
+    if run.vector == "cfv":
+        from ffv_eval.basis import default_basis_dir
+        from ffv_eval.composite import COMPOSITE_FILE
+
+        directory = default_basis_dir(model)
+        try:
+            layer = json.loads((directory / COMPOSITE_FILE).with_suffix(".json").read_text(encoding="utf-8"))["layer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return (None, None, 1.0)  # no usable map: nothing to reuse (the run says what is wrong)
+        return (vector_sha256(directory), layer, 1.0)
+    kind, _, relation = run.vector.partition(":")
+    path = shipped_path(model, kind, task.removeprefix("relation_") if relation == "*" else relation)
+    try:
+        layer = load_vector(path).metadata["layer"]
+    except VectorFileError:
+        return (None, None, 1.0)
+    return (vector_sha256(path), layer, 1.0)
+
+
+IDENTITY_FIELDS = (("model_fingerprint", "model fingerprint"), ("vector", "vector (file hash, layer, scale)"),
+                   ("data_source", "data source"), ("task_version", "task version"), ("limit", "limit"))
+MUST_BE_KNOWN = ("model_fingerprint", "data_source", "task_version")  # None: unrecorded / unknown
+
+
+def identity_mismatch(recorded: CellIdentity, planned: CellIdentity) -> str | None:
+    """Why a results cell does not stand for the planned run, or None if it does. Unknown
+    (unrecorded) fingerprints, vector hashes, data sources and task versions never match."""
+    for field_name, label in IDENTITY_FIELDS:
+        was, now = getattr(recorded, field_name), getattr(planned, field_name)
+        unknown = field_name in MUST_BE_KNOWN and (was is None or now is None)
+        if field_name == "vector" and was is not None and now is not None:
+            unknown = was[0] is None or now[0] is None
+        if unknown or was != now:
+            must = field_name in MUST_BE_KNOWN
+            return (f"{label}: {was if was is not None else 'unrecorded' if must else 'none'} in the results, "
+                    f"{now if now is not None else 'unknown' if must else 'none'} now")
+    return None
+
+
+def model_fingerprint_of(model: str) -> str:
+    """The fingerprint ffv-patched will record for `model` (loads the model once)."""
+    from ffv_eval.model_loading import load_model_and_tokenizer, model_fingerprint
+
+    loaded, _ = load_model_and_tokenizer(model)
+    return model_fingerprint(loaded)
+
+
+def runs_to_do(runs: Sequence[PlannedRun], task_plans: Sequence[TaskPlan], output_dir: Path, limit: int | None,
+               fingerprint_of: Callable[[str], str] = model_fingerprint_of,
+               log: Callable[[str], None] = print) -> list[PlannedRun]:
+    """The planned runs, each cut down to the tasks whose newest results cell in output_dir (the
+    one the leaderboard shows) does not match it in model fingerprint, vector file hash, layer,
+    scale, data source, task version and limit; a model is loaded for its fingerprint only if
+    it has a cell to compare."""
+    newest = newest_entries(read_entries([output_dir])[0]) if output_dir.is_dir() and visible_results_files(output_dir) else {}
+    plans = {plan.name: plan for plan in task_plans}
+    fingerprints: dict[str, str] = {}
+    todo = []
+    for run in runs:
+        missing = []
+        for task, label in zip(run.tasks, run.labels):
+            entry = newest.get((run.model, label, task))
+            if entry is None:
+                missing.append((task, label))
+                continue
+            if run.model not in fingerprints:
+                fingerprints[run.model] = fingerprint_of(run.model)
+            plan = plans.get(task, TaskPlan(task, None, None))
+            planned = CellIdentity(fingerprints[run.model], planned_vector(run.model, run, task), plan.data_source,
+                                   plan.version, None if limit is None else float(limit))
+            reason = identity_mismatch(recorded_identity(entry), planned)
+            if reason is None:
+                log(f"[ffv] leaderboard: reusing {run.model} / {label} / {task}: {display_path(entry.source)}")
+            else:
+                log(f"[ffv] leaderboard: rerunning {run.model} / {label} / {task}, {display_path(entry.source)} differs in {reason}")
+                missing.append((task, label))
+        if missing:
+            todo.append(PlannedRun(run.model, run.condition, tuple(t for t, _ in missing), run.vector, run.num_fewshot,
+                                   tuple(label for _, label in missing)))
+    return todo
+
+
+def evaluate_and_save(run: PlannedRun, output_dir: Path, limit: int | None, batch_size: int | str,
+                      data_dir: Path | None = None) -> Path:
     """One lm-eval run of `ffv-patched`, saved by lm-eval's own EvaluationTracker into a
     temporary directory and moved to `<output_dir>/<model>/results_<date>.json` (the
-    `lm_eval --output_path` layout) once complete."""
+    `lm_eval --output_path` layout) once complete. `data_dir` goes to the tasks as lm-eval
+    metadata, so the results record it."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import sanitize_model_name
@@ -565,6 +751,7 @@ def evaluate_and_save(run: PlannedRun, output_dir: Path, limit: int | None, batc
         results = lm_eval.simple_evaluate(
             model="ffv-patched", model_args=model_args, tasks=list(run.tasks), num_fewshot=run.num_fewshot,
             limit=limit, batch_size=batch_size, log_samples=False, evaluation_tracker=tracker,
+            metadata={"data_dir": str(data_dir)} if data_dir is not None else None,
         )
         tracker.save_results_aggregated(results=results, samples=None)
         written = sorted(staging.rglob("results_*.json"))
@@ -580,24 +767,23 @@ def evaluate_and_save(run: PlannedRun, output_dir: Path, limit: int | None, batc
 
 def run_missing(output_dir: str | os.PathLike, models: Sequence[str], tasks: Sequence[str],
                 conditions: Sequence[str] = DEFAULT_RUN_CONDITIONS, limit: int | None = None,
-                batch_size: int | str = 16, log: Callable[[str], None] | None = None) -> list[Path]:
-    """Run every planned evaluation that has no results in output_dir yet (same model,
-    condition, task and limit); returns the results files written."""
+                batch_size: int | str = 16, log: Callable[[str], None] | None = None,
+                data_dir: str | os.PathLike | None = None,
+                fingerprint_of: Callable[[str], str] = model_fingerprint_of) -> list[Path]:
+    """Run every planned evaluation that has no matching results in output_dir yet (see
+    runs_to_do); `data_dir` (else $FFV_DATA_DIR) is passed to the tasks. Returns the results
+    files written."""
+    from ffv_eval.relations import data_dir_from_env
+
     log = log or (lambda line: print(line, flush=True))
     output_dir = Path(output_dir)
     if not tasks:
         raise LeaderboardError("--run needs --tasks")
-    runs = plan_runs(models, expand_tasks(tasks), conditions)
-    done = finished_cells(output_dir, limit)
-    todo = []
-    for run in runs:
-        missing = tuple((t, label) for t, label in zip(run.tasks, run.labels) if (run.model, label, t) not in done)
-        for t, label in zip(run.tasks, run.labels):
-            if (run.model, label, t) in done:
-                log(f"[ffv] leaderboard: reusing {run.model} / {label} / {t}: {display_path(done[(run.model, label, t)])}")
-        if missing:
-            todo.append(PlannedRun(run.model, run.condition, tuple(t for t, _ in missing), run.vector, run.num_fewshot,
-                                   tuple(label for _, label in missing)))
+    root = data_dir_from_env(data_dir)
+    root = root.resolve() if root is not None else None
+    task_plans = plan_tasks(tasks, root)
+    runs = plan_runs(models, [plan.name for plan in task_plans], conditions)
+    todo = runs_to_do(runs, task_plans, output_dir, limit, fingerprint_of, log)
     log(f"[ffv] leaderboard: {len(todo)} run(s) to do, {sum(len(r.tasks) for r in runs) - sum(len(r.tasks) for r in todo)} "
         f"task result(s) reused from {output_dir}")
     written = []
@@ -605,7 +791,7 @@ def run_missing(output_dir: str | os.PathLike, models: Sequence[str], tasks: Seq
         log(f"[ffv] leaderboard: run {i}/{len(todo)}: {run.model} / {run.condition} / {', '.join(run.tasks)}"
             + (f" (limit {limit})" if limit is not None else ""))
         started = time.perf_counter()
-        path = evaluate_and_save(run, output_dir, limit, batch_size)
+        path = evaluate_and_save(run, output_dir, limit, batch_size, root)
         log(f"[ffv] leaderboard: run {i}/{len(todo)} done in {time.perf_counter() - started:.1f} s: {display_path(path)}")
         written.append(path)
     return written
@@ -615,11 +801,11 @@ def leaderboard_command(results_dirs: Sequence[str], markdown: str | None, csv_p
                         allow_mixed_versions: bool = False, run_models: Sequence[str] | None = None,
                         tasks: Sequence[str] | None = None, conditions: Sequence[str] = DEFAULT_RUN_CONDITIONS,
                         limit: int | None = None, batch_size: int | str = 16, alignment_files: Sequence[str] = (),
-                        quality_files: Sequence[str] = ()) -> Leaderboard:
+                        quality_files: Sequence[str] = (), data_dir: str | None = None) -> Leaderboard:
     """`ffv leaderboard`: run what is missing (with --run), then read and write; `ffv align`
     reports and `ffv check` baselines add their own tables."""
     if run_models:
-        run_missing(results_dirs[0], run_models, tasks or [], conditions, limit, batch_size)
+        run_missing(results_dirs[0], run_models, tasks or [], conditions, limit, batch_size, data_dir=data_dir)
     elif tasks:
         raise LeaderboardError("--tasks is only used with --run MODEL ...")
     board = build_leaderboard(results_dirs, allow_mixed_versions)

@@ -6,30 +6,64 @@ vector= (a shipped name such as antonym / fv:antonym, a .safetensors file, `ffv:
 relation_<name> task with that relation's own shipped vector, or `cfv`: a composite vector built
 per question from its source pair A:B), basis= (for cfv: the basis directory,
 default $FFV_CACHE_DIR/basis/<model>), layer= (default: the vector's own), scale= (default 1).
-Without a vector the scores equal `--model hf`.
+Every HFLM argument works as in `--model hf` (device, dtype, parallelize, batch_size=auto,
+softmax_dtype, mixed_precision_dtype, logits_cache, revision, trust_remote_code, ...).
+
+HFLM stays in charge: its own log-likelihood loop (batching, batch-size detection, the
+one-token-continuation logits cache, softmax dtype), rolling log-likelihood and generation run
+unchanged, and the vector enters through the two calls they make into the model:
+
+- `_model_call` (log-likelihood): before HFLM's loop runs, each request's padded row of tokens
+  and its patch position are planned; each row HFLM passes in is looked up and patched at its
+  own position. With a vector only the positions HFLM reads are unembedded (`logits_to_keep`);
+  without one HFLM's own call runs, so the scores equal `--model hf` bit for bit.
+- `_model_generate`: HFLM's own generation (autocast, stopping criteria, sampling), with the
+  vector added once, at the last prompt token of the prefill step.
 
 Where the vector goes: at the last context token, except in multiple-choice analogy documents
 (choices [[C, D], ...]): there it goes where D's first token is predicted, inside the
-continuation `Q: C\nA: D`."""
+continuation `Q: C\nA: D`.
+
+With `--use_cache`, lm-eval's CachingLM keys responses on the request text only; a patched run
+keeps its responses in its own table of the cache file, named after everything that decides
+them (model, vector contents, kind, layer, scale, CFV map and basis), so patched, unpatched and
+differently patched runs never reuse each other's answers."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import Collator
-from lm_eval.models.utils_hf import stop_sequences_criteria
 from tqdm import tqdm
 
-from ffv_eval.model_loading import model_fingerprint, resolve_pretrained, text_config
+from ffv_eval.model_loading import default_device, model_fingerprint, resolve_pretrained, text_config
 from ffv_eval.patching import Patcher
 from ffv_eval.vector_store import KINDS, StoredVector, VectorFileError, check_compatible, find_vectors
 
 COMPOSITE = "cfv"
 PER_TASK = ":*"  # vector=ffv:* -> each relation_<name> task with its own shipped ffv
+CONFIG_ARGS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "token")  # how HFLM finds the config
+
+
+@dataclass
+class RowPlan:
+    """How to run one padded row of HFLM's log-likelihood batches: the vector (None: unpatched)
+    and the row position it is added at; the shortest row length and the longest continuation
+    among the requests that share the row (they bound the positions HFLM reads)."""
+
+    vector: torch.Tensor | None
+    position: int
+    length: int
+    continuation: int
+
+    @property
+    def identity(self):
+        return None if self.vector is None else (id(self.vector), self.position)
 
 
 @register_model("ffv-patched")
@@ -41,22 +75,28 @@ class FFVPatchedLM(HFLM):
             raise VectorFileError(f"vector={vector}: unknown kind '{vector[: -len(PER_TASK)]}' (known: {', '.join(KINDS)})")
         candidates = find_vectors(vector) if vector not in (None, COMPOSITE) and not vector.endswith(PER_TASK) else []
         if candidates:
-            config = text_config(pretrained)
+            if isinstance(pretrained, str):
+                config = text_config(pretrained, **{k: kwargs[k] for k in CONFIG_ARGS if kwargs.get(k) not in (None, "")})
+            else:  # an already loaded transformers model
+                config = pretrained.config.get_text_config() if hasattr(pretrained.config, "get_text_config") else pretrained.config
             fits = [c for c in candidates if c.metadata["hidden_size"] == config.hidden_size]
             check_compatible(fits[0] if fits else candidates[0], config.hidden_size, config.num_hidden_layers, None,
                              None if layer is None else int(layer))
-        self.model_alias = str(pretrained)
-        if kwargs.get("device") in (None, "") and not torch.cuda.is_available():
-            kwargs["device"] = "cpu"  # HFLM would default to cuda
-        super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
+        self.model_alias = str(pretrained) if isinstance(pretrained, str) else getattr(pretrained, "name_or_path", "model")
+        if kwargs.get("device") in (None, ""):
+            kwargs["device"] = default_device()  # HFLM would default to cuda
+        super().__init__(pretrained=resolve_pretrained(pretrained) if isinstance(pretrained, str) else pretrained, **kwargs)
         self._split_across_cpu_processes()
         self.patcher = Patcher(self.model)
         self.fingerprint = model_fingerprint(self.model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.stored_vector: StoredVector | None = None
         self.composite = None
         self.patch_layer: int | None = None
         self.patch_vector: torch.Tensor | None = None
-        self._plans: dict = {}
+        self._pending: list | None = None  # (vector, answer word) per request of the next _loglikelihood_tokens
+        self._rows: dict[tuple, RowPlan] | None = None  # the rows of the HFLM loop now running
+        self._cache_table: str | None = None  # lm-eval's own table in a --use_cache file
         self.per_task_kind: str | None = None
         self.per_task_vectors: dict[str, dict] = {}
         self.patch_scale = float(scale)
@@ -83,6 +123,7 @@ class FFVPatchedLM(HFLM):
         None removes it."""
         self.per_task_kind = None
         self._use_vector(vector, layer, scale)
+        self._separate_cache()
 
     def _use_vector(self, vector, layer=None, scale=1.0) -> None:
         self.composite = None
@@ -95,7 +136,9 @@ class FFVPatchedLM(HFLM):
         a = self.patcher.adapter
         self.patch_layer = check_compatible(stored, a.hidden_size, a.n_layers, self.fingerprint, None if layer is None else int(layer))
         self.stored_vector = stored
-        self.patch_vector = (stored.vector * float(scale)).to(self.device, self.model.dtype)
+        # Kept in float32 on the model's input device; Patcher casts it to the dtype of the
+        # hidden state it is added to, on that state's device.
+        self.patch_vector = stored.vector.to(self.device, torch.float32) * float(scale)
         self.patch_scale = float(scale)
         print(f"[ffv] patching {stored.path} ({stored.metadata['kind']}, {stored.metadata['relation']}) "
               f"after block {self.patch_layer} x{self.patch_scale:g}", flush=True)
@@ -109,9 +152,11 @@ class FFVPatchedLM(HFLM):
         directory = Path(basis) if basis else default_basis_dir(self.model_alias)
         cmap = load_composite_map(directory, self.fingerprint)
         self.stored_vector = self.patch_vector = None
+        self.per_task_kind = None
         self.composite = CompositeVectors(self.patcher, self.tokenizer, cmap)
         self.patch_layer = cmap.basis.layer
         self.patch_scale = float(scale)
+        self._separate_cache()
         print(f"[ffv] patching composite vectors from {directory} ({len(cmap.basis.names)} basis relations) "
               f"after block {self.patch_layer} x{self.patch_scale:g}", flush=True)
 
@@ -150,6 +195,47 @@ class FFVPatchedLM(HFLM):
             info["ffv_vector"] = None
         return info
 
+    # -- lm-eval's response cache (--use_cache) ---------------------------------------------
+    def set_cache_hook(self, cache_hook) -> None:
+        """lm-eval's CachingLM hands every model a hook whose `dbdict` is the very SqliteDict it
+        looks responses up in, keyed on the request text alone. A patched run moves that dict
+        to its own table (see `_separate_cache`)."""
+        super().set_cache_hook(cache_hook)
+        self._cache_table = getattr(getattr(cache_hook, "dbdict", None), "tablename", None)
+        self._separate_cache()
+
+    def _separate_cache(self) -> None:
+        """Point the response cache (if any) at the table of the current vector: lm-eval's own
+        table unpatched (the same responses as `--model hf`), else one named after
+        `_vector_identity`. `<kind>:*` runs are not reused: two relation tasks may ask the same
+        question, and the cache could not tell their vectors apart; their table is emptied."""
+        db = getattr(self.cache_hook, "dbdict", None)
+        if db is None or self._cache_table is None:
+            return
+        identity = self._vector_identity()
+        table = self._cache_table if identity is None else "ffv-patched " + hashlib.sha256(identity.encode()).hexdigest()[:24]
+        if db.tablename != table:
+            from sqlitedict import SqliteDict
+
+            SqliteDict(db.filename, tablename=table, autocommit=True).close()  # creates the table
+            db.tablename = table
+        if self.per_task_kind is not None:
+            db.clear()
+
+    def _vector_identity(self) -> str | None:
+        """Everything besides the request that decides a response; None when unpatched."""
+        if self.per_task_kind is not None:
+            return f"{self.fingerprint} per-task {self.per_task_kind}:* x{self.patch_scale!r}"
+        if self.stored_vector is not None:
+            meta = self.stored_vector.metadata
+            return (f"{self.fingerprint} {meta['kind']}:{meta['relation']} layer {self.patch_layer} x{self.patch_scale!r} "
+                    f"{_digest(self.stored_vector.vector)}")
+        if self.composite is not None:
+            cmap = self.composite.cmap
+            return (f"{self.fingerprint} cfv layer {self.patch_layer} x{self.patch_scale!r} T {cmap.temperature!r} "
+                    f"{' '.join(cmap.basis.names)} {_digest(cmap.weight, cmap.bias, cmap.basis.vectors)}")
+        return None
+
     # -- per-request plans: which vector, and where -----------------------------------------
     def _request_plan(self, instance, vector: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
         """(vector, answer word): the answer word is D of a multiple-choice analogy document,
@@ -161,7 +247,7 @@ class FFVPatchedLM(HFLM):
         return vector, answer
 
     def _composite_vectors(self, requests) -> list[torch.Tensor]:
-        """The CFV of each request, from its document's source pair (a, b)."""
+        """The CFV of each request, from its document's source pair (a, b): one tensor per pair."""
         stems, where = [], {}
         for r in requests:
             doc = r.doc if isinstance(r.doc, dict) else {}
@@ -171,19 +257,21 @@ class FFVPatchedLM(HFLM):
             stems.append((doc["a"], doc["b"]))
             where.setdefault(stems[-1], f"task {r.task_name}, document {r.doc_id}")
         self.composite.prepare(stems, where)
-        return [self.composite.vector(a, b) * self.patch_scale for a, b in stems]
+        vectors = {stem: self.composite.vector(*stem) * self.patch_scale for stem in where}
+        return [vectors[stem] for stem in stems]
 
     def _per_task(self, requests, run) -> list:
         """vector=<kind>:*: each relation_<name> task's requests with that relation's own vector."""
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.task_name, []).append(i)
+        for task in groups:
+            if not str(task).startswith("relation_"):
+                raise VectorFileError(f"vector={self.per_task_kind}:* patches each relation_<name> task with that "
+                                      f"relation's {self.per_task_kind}; task {task} is not one")
         results: list = [None] * len(requests)
         try:
             for task, indices in groups.items():
-                if not str(task).startswith("relation_"):
-                    raise VectorFileError(f"vector={self.per_task_kind}:* patches each relation_<name> task with that "
-                                          f"relation's {self.per_task_kind}; task {task} is not one")
                 self._use_vector(f"{self.per_task_kind}:{task.removeprefix('relation_')}", None, self.patch_scale)
                 self.per_task_vectors[task] = {"path": str(self.stored_vector.path), "layer": self.patch_layer}
                 for i, result in zip(indices, run([requests[i] for i in indices])):
@@ -192,6 +280,7 @@ class FFVPatchedLM(HFLM):
             self.stored_vector = self.patch_vector = self.patch_layer = None
         return results
 
+    # -- the three request types: HFLM's own, with the vector planned per request ------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         if self.per_task_kind:
             return self._per_task(requests, lambda group: self._loglikelihood_planned(group, disable_tqdm))
@@ -199,11 +288,22 @@ class FFVPatchedLM(HFLM):
 
     def _loglikelihood_planned(self, requests, disable_tqdm: bool = False):
         vectors = self._composite_vectors(requests) if self.composite is not None else [self.patch_vector] * len(requests)
-        self._plans = {tuple(r.args): self._request_plan(r, v) for r, v in zip(requests, vectors)}
+        # HFLM's loglikelihood encodes the requests in order and hands them, in that order, to
+        # _loglikelihood_tokens, which picks these plans up.
+        self._pending = [self._request_plan(r, v) for r, v in zip(requests, vectors)]
         try:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         finally:
-            self._plans = {}
+            self._pending = None
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        """HFLM's rolling windows; a fixed vector is added at each window's last context token."""
+        if self.composite is not None:
+            raise VectorFileError("vector=cfv builds each question's vector from its document's source pair; "
+                                  "loglikelihood_rolling tasks (perplexity) have none: use a fixed vector")
+        if self.per_task_kind:
+            return self._per_task(requests, lambda group: super(FFVPatchedLM, self).loglikelihood_rolling(group, disable_tqdm=disable_tqdm))
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         if self.per_task_kind:
@@ -216,57 +316,70 @@ class FFVPatchedLM(HFLM):
         for i, r in enumerate(requests):
             groups.setdefault((r.doc["a"], r.doc["b"]), []).append(i)
         results: list = [None] * len(requests)
+        batch_size = self.batch_size_per_gpu
         try:
+            if batch_size == "auto":  # detected once for the run, not once per source pair
+                self.batch_size_per_gpu = self._detect_batch_size()
             for indices in tqdm(groups.values(), disable=disable_tqdm or self.rank != 0, desc="Generating with composite vectors"):
-                self.patch_vector = vectors[indices[0]].to(self.device, self.model.dtype)
+                self.patch_vector = vectors[indices[0]]
                 for i, text in zip(indices, super().generate_until([requests[i] for i in indices], disable_tqdm=True)):
                     results[i] = text
         finally:
             self.patch_vector = None
+            self.batch_size_per_gpu = batch_size
         return results
 
-    # -- log-likelihood: patched at each row's last context token; only continuation
-    # positions are unembedded ------------------------------------------------------------
+    # -- log-likelihood: HFLM's loop; each row patched at its own position ------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        pending, self._pending = self._pending, None
+        if pending is None:  # rolling windows, or a direct call: the fixed vector at the last context token
+            if self.composite is not None:
+                raise VectorFileError("vector=cfv needs each request's document (its source pair); call loglikelihood")
+            pending = [(self.patch_vector, None)] * len(requests)
+        if len(pending) != len(requests):
+            raise RuntimeError(f"ffv-patched: {len(pending)} request plans for {len(requests)} requests")
+        if all(vector is None for vector, _ in pending):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         if self.backend != "causal":
             raise VectorFileError("ffv-patched supports causal (decoder-only) models")
-        by_length = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
-        batch_size = override_bs or (self.batch_size if self.batch_size != "auto" else 16)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        results = []
-        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
-        for chunk in by_length.get_batched(n=batch_size):
-            rows, conts, spans = [], [], []
-            row_vectors, positions = [], []
-            for request_str, context, continuation in chunk:
-                tokens = (context + continuation)[-(self.max_length + 1):][:-1]
-                rows.append(tokens)
-                conts.append(continuation)
-                spans.append((len(tokens) - len(continuation), len(tokens)))  # positions predicting the continuation
-                vector, answer = self._plans.get(tuple(request_str) if request_str else None, (self.patch_vector, None))
-                row_vectors.append(vector)
-                offset = 0 if answer is None or vector is None else self._answer_offset(request_str, context, continuation, answer)
-                positions.append(spans[-1][0] + offset)
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, : len(r)] = torch.tensor(r)
-            ids = ids.to(self.device)
-            patch = None
-            if any(v is not None for v in row_vectors):
-                zero = torch.zeros(self.patcher.adapter.hidden_size)
-                patch = torch.stack([zero if v is None else v.detach().float().cpu() for v in row_vectors]).to(self.device, self.model.dtype)
-            with torch.no_grad():
-                hidden = self.patcher.final_hidden(
-                    ids, None, layer=self.patch_layer, vector=patch, positions=torch.tensor(positions)
-                )
-            for (request_str, _, _), answer in zip(chunk, _continuation_scores(self.patcher.adapter.unembed, hidden, spans, conts)):
-                results.append(answer)
-                if request_str is not None:
-                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
-                progress.update(1)
-        progress.close()
-        return by_length.get_original(results)
+        results: list = [None] * len(requests)
+        try:
+            for rows, indices in self._plan_rows(requests, pending):
+                self._rows = rows
+                scores = super()._loglikelihood_tokens([requests[i] for i in indices], disable_tqdm=disable_tqdm, override_bs=override_bs)
+                for i, score in zip(indices, scores):
+                    results[i] = score
+        finally:
+            self._rows = None
+        return results
+
+    def _plan_rows(self, requests, pending) -> list[tuple[dict[tuple, RowPlan], list[int]]]:
+        """The row HFLM will build for each request ((context + continuation) truncated to
+        max_length, without its last token), keyed by its tokens without trailing zeros (HFLM pads
+        right with zeros), and its plan. Requests whose rows look alike but must be patched
+        differently (HFLM would run them as one row: its one-token-continuation cache, or the
+        same tokens split differently into context and continuation) go to later rounds, each
+        run through HFLM's loop on its own; usually there is one round."""
+        rounds: list[tuple[dict[tuple, RowPlan], list[int]]] = []
+        for i, ((request_str, context, continuation), (vector, answer)) in enumerate(zip(requests, pending)):
+            row = (context + continuation)[-(self.max_length + 1):][:-1]
+            position = len(row) - len(continuation)  # the last context token
+            if answer is not None and vector is not None:
+                position += self._answer_offset(request_str, context, continuation, answer)
+            plan = RowPlan(vector, position, len(row), len(continuation))
+            key = _without_padding(row)
+            for rows, indices in rounds:
+                if key not in rows or rows[key].identity == plan.identity:
+                    break
+            else:
+                rows, indices = {}, []
+                rounds.append((rows, indices))
+            if key in rows:
+                known = rows[key]
+                plan.length, plan.continuation = min(known.length, plan.length), max(known.continuation, plan.continuation)
+            rows[key] = plan
+            indices.append(i)
+        return rounds
 
     def _answer_offset(self, request_str, context_tokens, continuation_tokens, answer: str) -> int:
         """Index, within the continuation, of the position that predicts the answer word's first
@@ -282,37 +395,59 @@ class FFVPatchedLM(HFLM):
             raise VectorFileError(f"cannot locate the answer {answer!r} in the tokens of {continuation!r}")
         return offset
 
-    # -- generation: patched at the last context token (left padding) of the prefill step --
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """HFLM's forward for a right-padded batch of rows; with a vector, each row patched at its
+        planned position, and logits returned for the last positions only, as many as HFLM reads
+        (it locates the continuation from the end of the returned logits)."""
+        rows = self._rows
+        if rows is None or attn_mask is not None or labels is not None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        plans = [rows.get(_without_padding(row)) for row in inps.tolist()]
+        if all(plan is None for plan in plans):  # HFLM's batch-size probe (batch_size=auto)
+            return super()._model_call(inps)
+        if any(plan is None for plan in plans):
+            raise RuntimeError("ffv-patched: HFLM built a log-likelihood row that was not planned")
+        width = inps.shape[1]
+        keep = min(width, max(width - plan.length + plan.continuation for plan in plans))
+        # float32 on the input device; Patcher casts to the hidden state's dtype where it adds.
+        vectors = torch.stack([
+            torch.zeros(self.patcher.adapter.hidden_size, device=inps.device) if plan.vector is None
+            else plan.vector.to(inps.device, torch.float32) for plan in plans
+        ])
+        positions = torch.tensor([plan.position for plan in plans], dtype=torch.long, device=inps.device)
+
+        def forward(ids):
+            if self._keeps_logits:
+                return self.model(ids, logits_to_keep=keep).logits
+            return self.model(ids).logits[:, width - keep:]
+
+        with (
+            torch.no_grad(),
+            torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None),
+        ):
+            return self.patcher.call_with_vector(forward, inps, layer=self.patch_layer, vector=vectors, positions=positions)
+
+    # -- generation: HFLM's own, patched at the last prompt token of the prefill step --------
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         if self.patch_vector is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        kwargs = dict(generation_kwargs)
-        temperature = kwargs.pop("temperature", 0.0)
-        if kwargs.get("do_sample") is None:
-            kwargs["do_sample"] = temperature != 0.0
-        if kwargs["do_sample"]:
-            kwargs["temperature"] = temperature
-        return self.patcher.generate(
-            context,
-            layer=self.patch_layer,
-            vector=self.patch_vector,
-            max_length=max_length,
-            stopping_criteria=stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0]),
-            pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True,
-            **kwargs,
-        )
+        generate = super()._model_generate
+        last = torch.full((context.shape[0],), context.shape[1] - 1, dtype=torch.long, device=context.device)  # left padding
+        return self.patcher.call_with_vector(lambda ids, **kwargs: generate(ids, max_length, stop, **kwargs), context,
+                                             layer=self.patch_layer, vector=self.patch_vector, positions=last, **generation_kwargs)
 
 
-@torch.no_grad()
-def _continuation_scores(unembed, hidden: torch.Tensor, spans, continuations) -> list[tuple[float, bool]]:
-    """(sum of log P(continuation), greedy?) per row, unembedding only the continuation
-    positions of all rows in one matmul (bit-identical to HFLM's per-position log-softmax)."""
-    rows = torch.cat([torch.full((end - start,), i) for i, (start, end) in enumerate(spans)])
-    cols = torch.cat([torch.arange(start, end) for start, end in spans])
-    logits = unembed(hidden[rows.to(hidden.device), cols.to(hidden.device)]).float()  # [positions, vocab]
-    targets = torch.tensor([t for cont in continuations for t in cont], device=logits.device)
-    greedy = logits.argmax(-1) == targets
-    picked = F.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-    lengths = [end - start for start, end in spans]
-    return [(float(p.sum()), bool(g.all())) for p, g in zip(picked.split(lengths), greedy.split(lengths))]
+def _without_padding(row) -> tuple:
+    """A row's tokens without trailing zeros (HFLM pads log-likelihood rows with zeros)."""
+    row = list(row)
+    while row and row[-1] == 0:
+        row.pop()
+    return tuple(row)
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        # float32 bytes on the CPU: the same digest for the same values on any device
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]

@@ -1,6 +1,8 @@
 """Interventions on a causal LM through nnsight: add a vector to the residual stream at chosen
 positions, read per-head attention outputs, and overwrite single heads' outputs. Every edit
-goes through the architecture adapter's module paths, per head through a [B, S, H, D] view.
+goes through the architecture adapter's module paths, per head through a [B, S, H, D] view of
+the attention output projection's input (the concatenated heads in every supported family),
+and every tensor put into the model is first moved to the device and dtype it meets there.
 
 nnsight 0.8 runs the intervention body interleaved with the real forward pass: modules must be
 visited in execution order, and results are collected in lists made before the trace."""
@@ -73,9 +75,21 @@ class Patcher:
         if vector is None:
             return self.model.generate(input_ids=input_ids, **generate_kwargs)
         out: list = []
-        last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long)
+        last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
         with self.traced.trace(input_ids, fn=self.model.generate, **generate_kwargs) as tracer:
             self._add_at(layer, _per_row(vector, input_ids.shape[0]), last)
+            out.append(nnsight.save(tracer.result))
+        return out[0]
+
+    def call_with_vector(self, fn, input_ids: torch.Tensor, *, layer: int, vector: torch.Tensor,
+                         positions: torch.Tensor, **kwargs):
+        """fn(input_ids, **kwargs), for any callable that runs the model (its forward, its
+        `generate`, or a caller of them such as lm-eval's HFLM methods), with `vector` ([hidden]
+        or [B, hidden]) added after block `layer` at `positions` [B] in the first forward pass
+        only (in a generation: the prefill step). Returns what fn returns."""
+        out: list = []
+        with self.traced.trace(input_ids, fn=fn, **kwargs) as tracer:
+            self._add_at(layer, _per_row(vector, input_ids.shape[0]), positions)
             out.append(nnsight.save(tracer.result))
         return out[0]
 
@@ -108,8 +122,9 @@ class Patcher:
         is left unpatched. forward_kwargs go to the model (e.g. past_key_values). full_model
         runs the whole causal LM, logits at every position, as a plain forward would."""
         a = self.adapter
-        layers = torch.as_tensor(patch_layers)
-        heads = torch.as_tensor(patch_heads)
+        # Index plans live on the values' device; each is moved to the device of the output it edits.
+        layers = torch.as_tensor(patch_layers, device=patch_values.device)
+        heads = torch.as_tensor(patch_heads, device=patch_values.device)
         plan = []
         for layer in sorted(set(layers.tolist()) - {-1}):
             rows = (layers == layer).nonzero().flatten()
@@ -120,7 +135,7 @@ class Patcher:
             for layer, rows, row_heads, values in plan:
                 x = self._o_proj(layer).input
                 view = x.view(x.shape[0], x.shape[1], a.n_heads, a.head_dim)
-                view[rows, -1, row_heads] = values.to(x.dtype)
+                view[rows.to(x.device), -1, row_heads.to(x.device)] = values.to(x.device, x.dtype)
             out.append(nnsight.save(tracer.result))
         if full_model:
             return out[0].logits[:, -1]

@@ -22,9 +22,10 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ffv_eval import PROJECT_ROOT, VECTORS_DIR
-from ffv_eval.atomic_files import atomic_write
+from ffv_eval import PROJECT_ROOT
+from ffv_eval.atomic_files import atomic_write, check_writable
 from ffv_eval.json_lines import json_document
+from ffv_eval.locations import local_vectors_dir, vector_roots
 
 BASELINE_FORMAT = "ffv-quality-baseline/1"
 BASELINE_NAME = "quality-baseline.json"
@@ -151,7 +152,22 @@ def movement(measured: Sequence[float], baseline: Sequence[float]) -> tuple[floa
 
 # -- baseline files ----------------------------------------------------------------------
 def default_baseline_path(model_alias: str) -> Path:
-    return VECTORS_DIR / model_alias / BASELINE_NAME
+    """The baseline read by default: ./vectors/<model>/quality-baseline.json where it exists,
+    else the shipped one."""
+    paths = [root / model_alias / BASELINE_NAME for root in vector_roots()]
+    return next((p for p in paths if p.exists()), paths[-1])
+
+
+def baseline_to_update(model_alias: str, given: str | Path | None) -> Path:
+    """The baseline file `--update-baseline` writes: the one given, else an existing
+    ./vectors/<model>/quality-baseline.json (the checkout's, run there); never the shipped
+    file of an installed package. Checked before any model work."""
+    path = Path(given) if given else local_vectors_dir() / model_alias / BASELINE_NAME
+    if not given and not path.exists():
+        raise BaselineError(f"--update-baseline: no baseline file given and {path} does not exist; "
+                            f"pass --baseline FILE (it is created if missing)")
+    check_writable(path, "--baseline")
+    return path
 
 
 def baseline_from_document(document, path: Path) -> Baseline:
@@ -278,10 +294,19 @@ def _compare_vector(key: str, figures: dict, base: dict, tolerances: Tolerances,
 
 
 # -- measuring (needs the model) ---------------------------------------------------------
-def shipped_vector_paths(model_alias: str, kinds: Sequence[str] = DEFAULT_KINDS, root: Path = VECTORS_DIR) -> list[Path]:
-    paths = [p for kind in kinds for p in sorted((root / model_alias / kind).glob("*.safetensors"))]
+def shipped_vector_paths(model_alias: str, kinds: Sequence[str] = DEFAULT_KINDS, root: Path | None = None) -> list[Path]:
+    """The model's vectors of `kinds` under `root`, else under ./vectors and the shipped library
+    (a vector in ./vectors wins over the shipped one of the same kind and relation)."""
+    roots = [root] if root is not None else vector_roots()
+    paths = []
+    for kind in kinds:
+        found: dict[str, Path] = {}
+        for r in roots:
+            for p in sorted((r / model_alias / kind).glob("*.safetensors")):
+                found.setdefault(p.stem, p)
+        paths += [found[name] for name in sorted(found)]
     if not paths:
-        raise BaselineError(f"no shipped vectors of kinds {', '.join(kinds)} under {root / model_alias}")
+        raise BaselineError(f"no shipped vectors of kinds {', '.join(kinds)} under {' or '.join(str(r / model_alias) for r in roots)}")
     return paths
 
 
@@ -305,16 +330,17 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
-def load_gate_model(model_alias: str):
-    """(model, tokenizer, fingerprint)"""
-    from ffv_eval.model_loading import load_model_and_tokenizer, model_fingerprint
+def load_gate_model(model_alias: str, placement=None):
+    """(model, tokenizer, fingerprint); placement: a model_loading.Placement (default: the
+    default device, the checkpoint's dtype)."""
+    from ffv_eval.model_loading import Placement, load_model_and_tokenizer, model_fingerprint
 
-    model, tokenizer = load_model_and_tokenizer(model_alias)
+    model, tokenizer = load_model_and_tokenizer(model_alias, **vars(placement or Placement()))
     return model, tokenizer, model_fingerprint(model)
 
 
 def measure_quality(model_alias: str, vector_paths: Sequence[str | Path], loaded=None,
-                    progress: Callable[[str], None] = lambda message: None) -> dict:
+                    progress: Callable[[str], None] = lambda message: None, placement=None) -> dict:
     """Quality figures of each vector file on the model, in the baseline layout. `loaded`:
     (model, tokenizer[, fingerprint]) already in memory, else the model is loaded here."""
     import torch
@@ -335,7 +361,7 @@ def measure_quality(model_alias: str, vector_paths: Sequence[str | Path], loaded
         by_key[key] = s
     relations = {name: load_relation(name) for name in sorted({s.metadata["relation"] for s in stored})}
     sources = {r.source for r in relations.values()}
-    model, tokenizer = (loaded[0], loaded[1]) if loaded else load_gate_model(model_alias)[:2]
+    model, tokenizer = (loaded[0], loaded[1]) if loaded else load_gate_model(model_alias, placement)[:2]
     fingerprint = loaded[2] if loaded and len(loaded) > 2 else model_fingerprint(model)
     patcher = Patcher(model)
     figures: dict[str, dict] = {}
@@ -379,15 +405,18 @@ def accept_command(model_alias: str, baseline_path: Path, vector_files: Sequence
 
 def run_check(model_alias: str, vector_files: Sequence[str], baseline_path: str | Path | None = None,
               kinds: Sequence[str] = DEFAULT_KINDS, tolerances: Tolerances = Tolerances(), update: bool = False,
-              print_: Callable[[str], None] = print) -> int:
+              print_: Callable[[str], None] = print, placement=None) -> int:
     """`ffv check`: 0 when every vector is within tolerance (or the baseline was written), 1 on
     a regression. Explicit files are compared with their own baseline entries only; the
     default set (the model's shipped vectors of `kinds`) must cover every baseline entry of
     those kinds."""
-    baseline_path = Path(baseline_path) if baseline_path else default_baseline_path(model_alias)
+    if update:
+        baseline_path = baseline_to_update(model_alias, baseline_path)
+    else:
+        baseline_path = Path(baseline_path) if baseline_path else default_baseline_path(model_alias)
     paths = [Path(f) for f in vector_files] or shipped_vector_paths(model_alias, kinds)
     baseline = load_baseline(baseline_path) if baseline_path.exists() or not update else None
-    model, tokenizer, fingerprint = load_gate_model(model_alias)
+    model, tokenizer, fingerprint = load_gate_model(model_alias, placement)
     if baseline is not None:
         check_same_model(baseline, fingerprint)  # before minutes of measuring
     measured = measure_quality(model_alias, paths, loaded=(model, tokenizer, fingerprint), progress=print_)

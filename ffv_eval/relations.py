@@ -1,6 +1,11 @@
 """Relation word pairs: the project's own files (tasks/relations/pairs/<name>.jsonl) or Todd et
 al.'s files from a data directory (<data_dir>/function_vectors/abstractive/<name>.json), split
-deterministically into train / validation / test."""
+deterministically into train / validation / test (the one home of the split).
+
+Which of the two is read is always said by the caller: `load_project_relation` (the
+relation_<name> tasks), `load_todd_relation` (the todd_<name> tasks), or `load_relation`, whose
+`data_dir` (else $FFV_DATA_DIR) selects Todd et al.'s files (the `--data-dir` of ffv extract /
+train / decode)."""
 
 from __future__ import annotations
 
@@ -51,25 +56,46 @@ def data_dir_from_env(explicit: str | os.PathLike | None = None) -> Path | None:
     return Path(value) if value is not None else None
 
 
+def no_data_dir_message(what: str, looked_for: str) -> str:
+    """The error for data that only a data directory holds, naming both ways to give one."""
+    return (f"{what}: no data directory given; set FFV_DATA_DIR=<dir> or pass lm-eval "
+            f"--metadata '{{\"data_dir\": \"<dir>\"}}' with {looked_for} under <dir>")
+
+
 def project_relations() -> list[str]:
     return sorted(p.stem for p in PAIRS_DIR.glob("*.jsonl"))
 
 
-def relation_path(name: str, data_dir: Path | None = None) -> tuple[Path, str]:
-    if data_dir is not None:
-        path = Path(data_dir) / TODD_SUBDIR / f"{name}.json"
-        if not path.exists():
-            raise RelationDataError(
-                f"relation '{name}': no file {path} in the data directory {data_dir} "
-                f"(expected Todd et al.'s layout function_vectors/abstractive/<relation>.json)"
-            )
-        return path, "todd"
+def project_relation_path(name: str) -> Path:
     path = PAIRS_DIR / f"{name}.jsonl"
     if not path.exists():
         raise RelationDataError(
             f"unknown relation '{name}': no file {path} (project relations: {', '.join(project_relations())})"
         )
-    return path, "project"
+    return path
+
+
+def todd_relation_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Todd et al.'s file of a relation in `data_dir` (else $FFV_DATA_DIR); an error saying
+    where it looked when there is no data directory or no such file."""
+    root = data_dir_from_env(data_dir)
+    looked_for = f"{TODD_SUBDIR}/{name}.json"
+    if root is None:
+        raise RelationDataError(no_data_dir_message(f"Todd et al.'s relation '{name}'", looked_for))
+    path = root / TODD_SUBDIR / f"{name}.json"
+    if not path.exists():
+        raise RelationDataError(
+            f"relation '{name}': no file {path} in the data directory {root} "
+            f"(expected Todd et al.'s layout function_vectors/abstractive/<relation>.json)"
+        )
+    return path
+
+
+def relation_path(name: str, data_dir: Path | None = None) -> tuple[Path, str]:
+    """(path, source): Todd et al.'s file in `data_dir` if one is given, else the project's file."""
+    if data_dir is not None:
+        return todd_relation_path(name, data_dir), "todd"
+    return project_relation_path(name), "project"
 
 
 def _pair_from(obj, where: str) -> WordPair:
@@ -108,8 +134,7 @@ def split_sizes(n: int) -> tuple[int, int, int]:
     return n_train, n_valid, n_test
 
 
-def load_relation(name: str, data_dir: str | os.PathLike | None = None) -> RelationData:
-    path, source = relation_path(name, data_dir_from_env(data_dir))
+def _split_relation(name: str, path: Path, source: str) -> RelationData:
     pairs = read_pairs(path)
     n_train, n_valid, n_test = split_sizes(len(pairs))
     if n_train < MIN_TRAIN:
@@ -129,3 +154,20 @@ def load_relation(name: str, data_dir: str | os.PathLike | None = None) -> Relat
         validation=tuple(shuffled[n_train : n_train + n_valid]),
         test=tuple(shuffled[n_train + n_valid :]),
     )
+
+
+def load_project_relation(name: str) -> RelationData:
+    """The project's own pairs of a relation, whatever $FFV_DATA_DIR says."""
+    return _split_relation(name, project_relation_path(name), "project")
+
+
+def load_todd_relation(name: str, data_dir: str | os.PathLike | None = None) -> RelationData:
+    """Todd et al.'s pairs of a relation from `data_dir` (else $FFV_DATA_DIR)."""
+    return _split_relation(name, todd_relation_path(name, data_dir), "todd")
+
+
+def load_relation(name: str, data_dir: str | os.PathLike | None = None) -> RelationData:
+    """Todd et al.'s pairs when a data directory is given (`data_dir`, else $FFV_DATA_DIR),
+    else the project's."""
+    root = data_dir_from_env(data_dir)
+    return load_todd_relation(name, root) if root is not None else load_project_relation(name)

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from ffv_eval import __version__
+from ffv_eval.atomic_files import check_writable
 from ffv_eval.decoding import decode_vector, format_side_by_side
 from ffv_eval.fine_tuning import TrainingSettings, check_training_pairs, train_function_vector
 from ffv_eval.function_vectors import ExtractionSettings, extract_function_vector, first_token_accuracy
-from ffv_eval.model_loading import load_model_and_tokenizer, model_fingerprint, text_config
+from ffv_eval.locations import output_path
+from ffv_eval.model_loading import Placement, load_model_and_tokenizer, model_fingerprint, text_config
 from ffv_eval.patching import Patcher
 from ffv_eval.plots import save_indirect_effect_heatmap
 from ffv_eval.relations import load_relation, project_relations, read_pairs
@@ -26,6 +28,7 @@ from ffv_eval.vector_store import KINDS, VectorFileError, check_compatible, load
 def _refuse_existing(path: Path, force: bool) -> None:
     if path.suffix != ".safetensors":
         raise VectorFileError(f"{path}: vector files end in .safetensors")
+    check_writable(path, "--out")  # never into the installed package, nor a read-only folder
     if not force and (path.exists() or sidecar_path(path).exists()):
         raise VectorFileError(f"{path} exists; pass --force to overwrite")
 
@@ -47,9 +50,11 @@ def extract_and_save(
     settings: ExtractionSettings = ExtractionSettings(),
     force: bool = False,
     progress=_flush_print,
+    placement: Placement = Placement(),
 ) -> Path:
+    placement = placement.checked()  # device and dtype errors before any model work
     relation = load_relation(relation_name, data_dir)  # data errors before any model work
-    path = Path(out) if out else shipped_path(model_name, "fv", relation_name)
+    path = Path(out) if out else output_path(model_name, "fv", relation_name)
     _refuse_existing(path, force)
 
     if settings.layer is not None:
@@ -59,7 +64,7 @@ def extract_and_save(
 
     t = time.perf_counter()
     progress(f"[ffv] loading {model_name}")
-    model, tokenizer = load_model_and_tokenizer(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
     patcher = Patcher(model)
     with torch.no_grad():
         result = extract_function_vector(patcher, tokenizer, relation, settings, progress=lambda m: progress(f"[ffv] {m}"))
@@ -104,14 +109,16 @@ def train_and_save(
     pairs_file: str | None = None,
     force: bool = False,
     progress=_flush_print,
+    placement: Placement = Placement(),
 ) -> Path:
     """Train an FFV from the relation's FV (`start_from`, default the shipped FV of the model)
     or from a random vector of the FV's norm (settings.init == "random")."""
+    placement = placement.checked()  # device and dtype errors before any model work
     relation = load_relation(relation_name, data_dir)
     pairs = read_pairs(Path(pairs_file), keep_repeated_inputs=True) if pairs_file else list(relation.train)
     pairs = check_training_pairs(pairs, relation.test, settings.n_pairs, pairs_file or f"train split of {relation.path}")
     kind = "ffv" if settings.init == "fv" else "ffv-random"
-    path = Path(out) if out else shipped_path(model_name, kind, relation_name)
+    path = Path(out) if out else output_path(model_name, kind, relation_name)
     _refuse_existing(path, force)
     fv_path = Path(start_from) if start_from else shipped_path(model_name, "fv", relation_name)
     if not fv_path.exists():
@@ -121,7 +128,7 @@ def train_and_save(
     check_compatible(start, config.hidden_size, config.num_hidden_layers, None, None)
 
     progress(f"[ffv] loading {model_name}")
-    model, tokenizer = load_model_and_tokenizer(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
     patcher = Patcher(model)
     fingerprint = model_fingerprint(model)
     layer = check_compatible(start, patcher.adapter.hidden_size, patcher.adapter.n_layers, fingerprint, None)
@@ -158,9 +165,11 @@ def train_and_save(
     return path
 
 
-def decode_and_print(specs: list[str], model_name: str, k: int = 20, data_dir: str | None = None, print_=_flush_print) -> dict:
+def decode_and_print(specs: list[str], model_name: str, k: int = 20, data_dir: str | None = None, print_=_flush_print,
+                     placement: Placement = Placement()) -> dict:
     """Decode vectors given as files or shipped names; a bare shipped name (`antonym`) shows the
     model's FV and FFV side by side."""
+    placement = placement.checked()
     stored = []
     for spec in specs:
         kind, _, relation = spec.rpartition(":")
@@ -174,7 +183,7 @@ def decode_and_print(specs: list[str], model_name: str, k: int = 20, data_dir: s
                 raise VectorFileError(f"no shipped vector '{spec}' for {model_name} (looked for {', '.join(map(str, paths))})")
             stored.extend(load_vector(p) for p in paths if p.exists())
     relations = {s.metadata["relation"]: load_relation(s.metadata["relation"], data_dir) for s in stored}
-    model, tokenizer = load_model_and_tokenizer(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
     patcher = Patcher(model)
     fingerprint = model_fingerprint(model)
     decodings = {}
@@ -189,22 +198,25 @@ def decode_and_print(specs: list[str], model_name: str, k: int = 20, data_dir: s
 
 def build_library(model_name: str, relations: list[str] | None = None, force: bool = False,
                   extraction: ExtractionSettings = ExtractionSettings(), training: TrainingSettings = TrainingSettings(),
-                  progress=_flush_print) -> list[Path]:
-    """The shipped vectors of one model: per relation an FV, an FFV trained from it and an FFV
-    from random init. Existing vectors are kept unless `force`; with `force` everything is
+                  progress=_flush_print, placement: Placement = Placement()) -> list[Path]:
+    """The vector library of one model, under ./vectors (the shipped library when run in the
+    checkout): per relation an FV, an FFV trained from it and an FFV from random init.
+    Existing vectors there are kept unless `force`; with `force` everything is
     rebuilt from scratch, and the same settings on the same machine give bit-identical files."""
+    placement = placement.checked()
     relations = relations or project_relations()
     for name in relations:  # every data error before any model work
         load_relation(name)
     made = []
     for i, name in enumerate(relations, start=1):
         progress(f"[ffv] library {model_name}: relation {i}/{len(relations)}: {name}")
-        fv_path = shipped_path(model_name, "fv", name)
+        fv_path = output_path(model_name, "fv", name)
         if force or not fv_path.exists():
-            made.append(extract_and_save(model_name, name, settings=extraction, force=force, progress=progress))
+            made.append(extract_and_save(model_name, name, settings=extraction, force=force, progress=progress,
+                                             placement=placement))
         for init in ("fv", "random"):
             kind = "ffv" if init == "fv" else "ffv-random"
-            if force or not shipped_path(model_name, kind, name).exists():
+            if force or not output_path(model_name, kind, name).exists():
                 made.append(train_and_save(model_name, name, settings=dataclasses.replace(training, init=init),
-                                           force=force, progress=progress))
+                                           force=force, progress=progress, placement=placement))
     return made

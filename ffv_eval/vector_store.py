@@ -1,7 +1,8 @@
 """Vectors on disk: `<name>.safetensors` (one tensor, "vector") beside `<name>.json` (metadata:
 model fingerprint, layer, relation, heads, data hash, seed, metrics). Both are written to
 temporary files and renamed into place, so a failed or interrupted save leaves nothing.
-Shipped vectors live in vectors/<model alias>/<kind>/<relation>.safetensors."""
+Vectors are named <root>/<model alias>/<kind>/<relation>.safetensors; names are looked up in
+./vectors first, then among the shipped vectors (ffv_eval.locations)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ffv_eval import VECTORS_DIR
+from ffv_eval import VECTORS_DIR  # noqa: F401  (the shipped library; alignment and basis import it from here)
 from ffv_eval.atomic_files import atomic_write, atomic_write_text
 from ffv_eval.json_lines import json_document
+from ffv_eval.locations import vector_roots
 
 FORMAT = "ffv-eval/vector/1"
 KINDS = ("fv", "ffv", "ffv-random")
@@ -97,13 +99,17 @@ def load_vector(path: str | os.PathLike) -> StoredVector:
     return StoredVector(vector, meta, path)
 
 
-def shipped_path(model_alias: str, kind: str, relation: str, root: Path = VECTORS_DIR) -> Path:
-    return root / model_alias / kind / f"{relation}.safetensors"
+def shipped_path(model_alias: str, kind: str, relation: str, root: Path | None = None) -> Path:
+    """The file of a vector name to read: under `root` when given, else the first of
+    `vector_roots()` that has it (the shipped path when none has it)."""
+    paths = [r / model_alias / kind / f"{relation}.safetensors" for r in ([root] if root is not None else vector_roots())]
+    return next((p for p in paths if p.exists()), paths[-1])
 
 
-def find_vectors(spec: str, root: Path = VECTORS_DIR) -> list[StoredVector]:
+def find_vectors(spec: str, root: Path | None = None) -> list[StoredVector]:
     """A vector file path, or a shipped name (`antonym`: the FFV where there is one, else the
-    FV; `fv:antonym`, `ffv:antonym`): every shipped vector of that name, for any model. The
+    FV; `fv:antonym`, `ffv:antonym`): every vector of that name, for any model, from `root` or
+    else `vector_roots()` (per model, a vector in ./vectors wins over the shipped ones). The
     caller picks the one whose model fingerprint matches (see `check_compatible`)."""
     spec = str(spec)
     if spec.endswith(".safetensors") or os.sep in spec or Path(spec).exists():
@@ -111,13 +117,17 @@ def find_vectors(spec: str, root: Path = VECTORS_DIR) -> list[StoredVector]:
     kind, _, relation = spec.rpartition(":")
     if kind and kind not in KINDS:
         raise VectorFileError(f"vector '{spec}': unknown kind '{kind}' (known: {', '.join(KINDS)})")
-    found: dict[str, StoredVector] = {}  # per model directory, the first kind in preference order
-    for k in [kind] if kind else BARE_NAME_KINDS:
-        for path in sorted(root.glob(f"*/{k}/{relation}.safetensors")):
-            found.setdefault(path.parent.parent.name, load_vector(path))
+    roots = [root] if root is not None else vector_roots()
+    found: dict[str, StoredVector] = {}  # per model directory: the first root, then the first kind in preference order
+    for r in roots:
+        for k in [kind] if kind else BARE_NAME_KINDS:
+            for path in sorted(r.glob(f"*/{k}/{relation}.safetensors")):
+                if path.parent.parent.name not in found:
+                    found[path.parent.parent.name] = load_vector(path)
     if not found:
-        known = sorted({f"{p.parent.name}:{p.stem}" for p in root.glob("*/*/*.safetensors")})
-        raise VectorFileError(f"unknown vector name '{spec}' and no such file (shipped: {', '.join(known) or 'none'})")
+        known = sorted({f"{p.parent.name}:{p.stem}" for r in roots for p in r.glob("*/*/*.safetensors")})
+        raise VectorFileError(f"unknown vector name '{spec}' and no such file (looked in {', '.join(map(str, roots))}; "
+                              f"known: {', '.join(known) or 'none'})")
     return list(found.values())
 
 

@@ -38,7 +38,8 @@ def tiny_model(request):
 
 @pytest.fixture(autouse=True)
 def project_data_unless_asked(monkeypatch):
-    """FFV_DATA_DIR switches the relation tasks to Todd et al.'s files; tests say which data
+    """FFV_DATA_DIR is the data directory of the todd_<relation> and analogy tasks, and makes
+    load_relation (ffv extract / train / decode) read Todd et al.'s files; tests say which data
     they use, so it is cleared here and given back through the `shared_data` fixture."""
     monkeypatch.delenv("FFV_DATA_DIR", raising=False)
 

@@ -2,6 +2,9 @@
 bad input, the prompts each task builds, completion scoring, and one small run on the real model."""
 
 import json
+import re
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -120,13 +123,21 @@ def test_missing_or_empty_analogy_files_say_where_to_put_them(tmp_path):
         A.load_analogy_completion("gren", tmp_path)
 
 
-def test_no_data_directory_says_how_to_give_one(monkeypatch):
+@pytest.fixture
+def empty_hub_cache(monkeypatch, tmp_path):
+    """A Hugging Face cache without the analogy questions, whatever this machine has cached."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+def test_no_data_directory_says_how_to_give_one(monkeypatch, empty_hub_cache):
     real_check = A._hub_reachable
-    monkeypatch.setattr(A, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(A, "_hub_reachable", lambda timeout=1.0: False)
     with pytest.raises(A.AnalogyDataError, match=r"analogy questions 'u2' \(test\): no data directory given; set FFV_DATA_DIR=<dir> "
                                                  r"or pass lm-eval --metadata '\{\"data_dir\": \"<dir>\"\}' with "
                                                  r"analogy_questions/u2/test.jsonl under <dir> \(the Hugging Face hub dataset "
-                                                 r"relbert/analogy_questions is not reachable\)"):
+                                                 rf"relbert/analogy_questions \(revision {A.HUB_REVISION}\) is not reachable"):
         A.load_analogy_questions("u2", "test")
     with pytest.raises(A.AnalogyDataError, match=r"UCLA VAT: no data directory given; set FFV_DATA_DIR.*ucla_vat/UCLA_VAT.csv under <dir>"):
         A.load_ucla_vat()
@@ -134,6 +145,75 @@ def test_no_data_directory_says_how_to_give_one(monkeypatch):
         A.load_analogy_completion("kmiecik", "")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the real check: offline mode answers without the network
     assert real_check() is False
+
+
+@pytest.fixture
+def hanging_network(monkeypatch):
+    """Every connection hangs (as a name lookup does on a machine whose resolver is
+    unreachable) until the test ends."""
+    import socket
+
+    release = threading.Event()
+
+    def hang(*_args, **_kwargs):
+        release.wait(60)
+        raise OSError("network unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", hang)
+    yield
+    release.set()
+
+
+@pytest.mark.parametrize("offline_mode", [False, True])
+def test_hub_fallback_fails_fast_without_network(monkeypatch, empty_hub_cache, hanging_network, offline_mode):
+    """No data directory and no network: loading a question task fails within about a second
+    (the connection check's timeout), saying how to give a data directory."""
+    from lm_eval.tasks import TaskManager
+
+    if offline_mode:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manager = TaskManager(include_path=str(ffv_eval.TASKS_DIR), include_defaults=False)
+    started = time.perf_counter()
+    with pytest.raises(A.AnalogyDataError) as err:
+        manager.load(["u2_analogy"])
+    elapsed = time.perf_counter() - started
+    message = str(err.value)
+    assert "analogy questions 'u2' (test): no data directory given; set FFV_DATA_DIR=<dir>" in message
+    assert '--metadata \'{"data_dir": "<dir>"}\'' in message and "is not reachable" in message
+    assert elapsed < A.HUB_CONNECT_TIMEOUT_S + 1.0, f"took {elapsed:.2f} s"
+
+
+def test_hub_files_come_from_the_pinned_revision(monkeypatch, tmp_path):
+    """The hub file is asked for at HUB_REVISION, a full commit sha: first in the local cache
+    (no network needed), then, when the hub answers, downloaded."""
+    import huggingface_hub
+
+    assert re.fullmatch(r"[0-9a-f]{40}", A.HUB_REVISION)
+    questions = tmp_path / "test.jsonl"
+    questions.write_text(GOOD + "\n")
+    lookups, downloads = [], []
+
+    def cache_lookup(repo_id, filename, **kwargs):
+        lookups.append((repo_id, filename, kwargs))
+        return str(questions) if cached else None
+
+    def download(repo_id, filename, **kwargs):
+        downloads.append((repo_id, filename, kwargs))
+        return str(questions)
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cache_lookup)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(A, "_hub_reachable", lambda timeout=1.0: pytest.fail("the cached file needs no network"))
+    cached = True
+    assert A.load_analogy_questions("u2", "test") == [{**SAT_QUESTION, "prefix": ""}]
+    expected = ("relbert/analogy_questions", "dataset/u2/test.jsonl", {"revision": A.HUB_REVISION, "repo_type": "dataset"})
+    assert lookups == [expected] and downloads == []
+    cached = False
+    monkeypatch.setattr(A, "_hub_reachable", lambda timeout=1.0: True)
+    assert len(A.load_analogy_questions("u2", "test")) == 1
+    assert downloads == [expected]
 
 
 UCLA_HEADER = "Relation,A,B,C,D,D'"

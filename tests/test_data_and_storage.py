@@ -29,6 +29,70 @@ def test_todd_files_are_read_from_the_data_directory(shared_data, monkeypatch):
     assert R.load_relation("country-capital").source == "todd"
 
 
+def _relation_tasks(**metadata):
+    from lm_eval.tasks import TaskManager
+
+    from ffv_eval import TASKS_DIR
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata or None)
+
+
+def _docs(task) -> set[tuple[str, str]]:
+    return {(d["input"], d["output"]) for split in (task.training_docs(), task.validation_docs(), task.test_docs())
+            for d in split}
+
+
+def _raw_pairs(path) -> set[tuple[str, str]]:
+    """Pairs read straight from a file, first answer of a repeated input (the loader's rule)."""
+    text = path.read_text()
+    items = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+    first: dict[str, str] = {}
+    for item in items:
+        first.setdefault(item["input"].strip(), item["output"].strip())
+    return set(first.items())
+
+
+def test_relation_tasks_read_the_project_pairs_whatever_the_data_directory_says(shared_data, monkeypatch):
+    project = _raw_pairs(R.PAIRS_DIR / "antonym.jsonl")
+    todd = _raw_pairs(shared_data / R.TODD_SUBDIR / "antonym.json")
+    assert project != todd
+    monkeypatch.setenv("FFV_DATA_DIR", str(shared_data))
+    loaded = _relation_tasks(data_dir=str(shared_data)).load(["relation_antonym", "todd_antonym"])["tasks"]
+    assert _docs(loaded["relation_antonym"]) == project
+    assert _docs(loaded["todd_antonym"]) == todd
+    # same split rule: 30% (at least 50) test, 10% (at least 15) validation
+    assert len(loaded["todd_antonym"].test_docs()) == max(50, round(0.3 * len(todd)))
+    assert len(loaded["todd_antonym"].validation_docs()) == max(15, round(0.1 * len(todd)))
+    # same prompt and scoring as the relation tasks
+    todd_task, project_task = loaded["todd_antonym"], loaded["relation_antonym"]
+    for key in ("doc_to_text", "doc_to_target", "generation_kwargs", "target_delimiter", "metric_list"):
+        assert todd_task.config[key] == project_task.config[key], key
+    assert todd_task.config.process_results is project_task.config.process_results
+    assert todd_task.config.metadata["data_source"] == "data_dir" and project_task.config.metadata["data_source"] == "project"
+
+
+def test_todd_tasks_one_per_file_and_the_todd_group(shared_data):
+    from ffv_eval import TASKS_DIR
+
+    files = sorted(p.stem for p in (shared_data / R.TODD_SUBDIR).glob("*.json"))
+    assert len(files) == 27
+    assert sorted(p.stem for p in (TASKS_DIR / "todd").glob("todd_*.yaml")) == [f"todd_{f}" for f in files]
+    loaded = _relation_tasks(data_dir=str(shared_data)).load(["todd"])
+    assert sorted(loaded["tasks"]) == [f"todd_{f}" for f in files]
+    synonym = loaded["tasks"]["todd_synonym"]
+    assert _docs(synonym) == _raw_pairs(shared_data / R.TODD_SUBDIR / "synonym.json")
+
+
+def test_todd_tasks_say_where_they_looked(tmp_path):
+    with pytest.raises(R.RelationDataError, match=r"Todd et al.'s relation 'antonym': no data directory given; "
+                                                  r"set FFV_DATA_DIR=<dir> or pass lm-eval --metadata '\{\"data_dir\": \"<dir>\"\}' "
+                                                  r"with function_vectors/abstractive/antonym.json under <dir>"):
+        _relation_tasks().load(["todd_antonym"])
+    with pytest.raises(R.RelationDataError, match=rf"no file {tmp_path}/function_vectors/abstractive/antonym.json "
+                                                  rf"in the data directory {tmp_path}"):
+        _relation_tasks(data_dir=str(tmp_path)).load(["todd_antonym"])
+
+
 def test_bad_relation_data_names_the_problem(tmp_path, monkeypatch):
     with pytest.raises(R.RelationDataError, match="unknown relation 'no-such'"):
         R.load_relation("no-such")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -265,6 +266,100 @@ def test_run_plan_refuses_what_cannot_run_before_running():
     assert runs[1].vector == "fv:*" and runs[1].tasks == runs[0].tasks and set(runs[1].labels) == {"fv"}
     assert runs[2].vector == "fv:antonym" and runs[2].labels[0] == "fv" and runs[2].labels[1] == "fv:antonym"
     assert runs[3].vector == "cfv" and set(runs[3].labels) == {"cfv"}
+
+
+# -- reuse only of runs that would score the same -------------------------------------------
+
+def _reuse_decision(real_runs, tmp_path, edit, limit=5, fingerprint=None) -> tuple[list, str]:
+    """runs_to_do for the FFV cell against a results directory holding only the real FFV run,
+    edited; the model's fingerprint is the recorded one unless given."""
+    source = _file_of(real_runs["dir"], "ffv")
+    copy = _copy_edited(source, tmp_path / "results" / MODEL / source.name, edit)
+    recorded = json.loads(source.read_text())["config"]["model_fingerprint"]
+    lines: list[str] = []
+    todo = leaderboard.runs_to_do(leaderboard.plan_runs([MODEL], [TASK], ["ffv"]), leaderboard.plan_tasks([TASK]),
+                                  copy.parent.parent, limit, fingerprint_of=lambda model: fingerprint or recorded,
+                                  log=lines.append)
+    return todo, "\n".join(lines)
+
+
+def _set_vector(**fields):
+    return lambda d: d["config"]["ffv_vector"].update(fields)
+
+
+def _shipped_ffv_sha256() -> str:
+    from ffv_eval.vector_store import shipped_path
+
+    return hashlib.sha256(shipped_path(MODEL, "ffv", "antonym").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("edit", [lambda d: None, lambda d: _set_vector(sha256=_shipped_ffv_sha256())(d)],
+                         ids=["as-run", "recorded-hash"])
+def test_an_identical_cell_is_reused(real_runs, tmp_path, edit):
+    todo, log = _reuse_decision(real_runs, tmp_path, edit)
+    assert todo == [] and f"reusing {MODEL} / ffv / {TASK}" in log
+
+
+def _metadata(**fields):
+    def edit(d):
+        d["configs"][TASK]["metadata"].update(fields)
+        d["configs"][TASK]["metadata"] = {k: v for k, v in d["configs"][TASK]["metadata"].items() if v is not None}
+    return edit
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (_set_vector(sha256="0" * 64), "vector (file hash, layer, scale)"),
+    (_set_vector(patch_scale=2.0), "vector (file hash, layer, scale)"),
+    (lambda d: _set_vector(patch_layer=d["config"]["ffv_vector"]["patch_layer"] + 1)(d), "vector (file hash, layer, scale)"),
+    (lambda d: d["versions"].update({TASK: 1.1}), "task version: 1.1 in the results, 1.0 now"),
+    (_metadata(data_source="data_dir", data_dir="/elsewhere"), "data source: data directory /elsewhere in the results, project files now"),
+    (_metadata(data_source=None), "data source: unrecorded in the results"),  # results from before tasks said
+    (lambda d: d["config"].pop("model_fingerprint"), "model fingerprint: unrecorded in the results"),
+], ids=["vector-hash", "scale", "layer", "task-version", "data-source", "data-source-unrecorded", "no-fingerprint"])
+def test_a_cell_that_differs_is_rerun(real_runs, tmp_path, edit, reason):
+    todo, log = _reuse_decision(real_runs, tmp_path, edit)
+    assert [(r.tasks, r.labels, r.vector) for r in todo] == [((TASK,), ("ffv",), "ffv:*")]
+    assert f"rerunning {MODEL} / ffv / {TASK}" in log and reason in log, log
+
+
+def test_another_model_or_limit_is_rerun(real_runs, tmp_path):
+    todo, log = _reuse_decision(real_runs, tmp_path / "a", lambda d: None, fingerprint="0123456789abcdef")
+    assert len(todo) == 1 and "model fingerprint" in log and "0123456789abcdef now" in log
+    todo, log = _reuse_decision(real_runs, tmp_path / "b", lambda d: None, limit=None)
+    assert len(todo) == 1 and "limit: 5.0 in the results, none now" in log
+
+
+def test_no_model_is_loaded_when_there_is_nothing_to_compare(tmp_path):
+    runs = leaderboard.plan_runs([MODEL], [TASK], ["unpatched"])
+    todo = leaderboard.runs_to_do(runs, leaderboard.plan_tasks([TASK]), tmp_path / "none", None,
+                                  fingerprint_of=lambda model: pytest.fail("loaded a model"), log=lambda line: None)
+    assert todo == runs
+
+
+def test_task_plans_expand_groups_and_know_versions_and_data_sources(shared_data):
+    from ffv_eval.relations import HEADLINE_RELATIONS, RelationDataError
+
+    plans = leaderboard.plan_tasks(["relations", "todd_antonym", "relation_antonym", "hellaswag"], shared_data)
+    assert [p.name for p in plans] == [f"relation_{r}" for r in HEADLINE_RELATIONS] + ["todd_antonym", "hellaswag"]
+    assert {(p.version, p.data_source) for p in plans[:6]} == {("1.0", leaderboard.PROJECT_DATA)}
+    assert (plans[6].version, plans[6].data_source) == ("1.0", f"data directory {shared_data}")
+    assert (plans[7].version, plans[7].data_source) == (None, None)  # not ffv-eval's: never reused
+    with pytest.raises(RelationDataError, match="no data directory given"):  # before any model loads
+        leaderboard.plan_tasks(["todd"])
+
+
+def test_runs_of_different_data_sources_are_not_mixed(real_runs, tmp_path):
+    shutil.copy(_file_of(real_runs["dir"], "ffv"), tmp_path / "results_a.json")
+    _copy_edited(_file_of(real_runs["dir"], "unpatched"), tmp_path / "other" / "results_b.json",
+                 _metadata(data_source="data_dir", data_dir="/todd-files"))
+    with pytest.raises(LeaderboardError) as err:
+        build_leaderboard([tmp_path])
+    message = str(err.value)
+    assert f"task {TASK} has data source" in message and "--allow-mixed-versions" in message
+    assert "data source project files in" in message and "data source data directory /todd-files in" in message
+    board = build_leaderboard([tmp_path], allow_mixed_versions=True)
+    assert any("mixed task data sources" in note for note in board.notes)
+    assert "| data directory /todd-files |" in leaderboard.format_markdown(board)
 
 
 # -- atomic writes --------------------------------------------------------------------------

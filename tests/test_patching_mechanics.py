@@ -98,12 +98,12 @@ def test_llama_head_contributions_sum_to_o_proj_output():
 def test_unknown_architecture_is_named():
     class Fake(torch.nn.Module):
         class config:
-            model_type = "gpt_neox"
+            model_type = "mamba"
 
     try:
         adapter_for(Fake())
     except UnsupportedArchitecture as err:
-        assert "gpt_neox" in str(err)
+        assert "mamba" in str(err)
     else:
         raise AssertionError("expected UnsupportedArchitecture")
 

@@ -7,15 +7,18 @@ import pytest
 @pytest.mark.slow
 def test_per_task_vectors_equal_one_run_per_vector():
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
+    from ffv_eval import TASKS_DIR
     from ffv_eval.lm_model import FFVPatchedLM
     from ffv_eval.vector_store import VectorFileError
 
     tasks = ["relation_antonym", "relation_english-french"]
     lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="ffv:*", batch_size=8)
+    project_tasks = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)  # not lm-eval's ~10k task files
 
     def run(task_list):
-        out = lm_eval.simple_evaluate(model=lm, tasks=task_list, limit=6, log_samples=True, random_seed=0,
+        out = lm_eval.simple_evaluate(model=lm, tasks=task_list, limit=6, log_samples=True, random_seed=0, task_manager=project_tasks,
                                       numpy_random_seed=0, torch_random_seed=0)
         return out, {t: [s["filtered_resps"] for s in out["samples"][t]] for t in task_list}
 

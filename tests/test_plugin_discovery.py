@@ -204,9 +204,9 @@ def test_broken_ffv_eval_warns_and_leaves_lm_eval_working(tmp_path):
         tmp_path,
         PYTHONPATH=str(broken.parent),
     )
-    assert "ffv-eval could not register the ffv-patched model" in proc.stderr
-    assert "ffv-eval could not add its task folder" in proc.stderr
-    assert "simulated breakage" in proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "ffv-eval" in line]
+    assert len(warnings) == 1, proc.stderr  # one warning, though both hook steps were triggered
+    assert warnings[0].startswith("WARNING: ffv-eval is installed but cannot be imported (ImportError: simulated breakage)")
 
 
 def test_autoload_can_be_switched_off(tmp_path):

@@ -12,7 +12,7 @@ from ffv_eval.quality_gate import (
     compare_with_baseline, decode_vector_text, encode_vector, load_baseline, merged_baseline, movement, write_baseline,
 )
 
-FINGERPRINT = "24c478de04fdbea0"
+FINGERPRINT = json.loads((VECTORS_DIR / "gemma-3-270m" / "quality-baseline.json").read_text())["model_fingerprint"]
 SPLIT = "project word pairs: test split"
 
 

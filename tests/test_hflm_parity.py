@@ -1,0 +1,273 @@
+"""`ffv-patched` is lm-eval's HFLM with a vector: without one it scores exactly as `--model hf`
+(float32 and bfloat16, batch_size=auto, softmax_dtype, mixed_precision_dtype, the one-token
+continuation cache, rolling log-likelihoods); with one, each log-likelihood row is patched at its
+own position (checked against a forward hook on one request at a time), a generation gets the
+vector once, at the prefill step, a float32 vector patches the bfloat16 model, and lm-eval's
+response cache keeps differently patched runs apart."""
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from ffv_eval.model_loading import resolve_pretrained
+from ffv_eval.vector_store import load_vector, save_vector
+
+pytestmark = pytest.mark.slow
+
+LL = [  # one-token continuations that share a context (HFLM runs them as one row), and longer ones
+    ("Q: hot\nA:", " cold"), ("Q: hot\nA:", " warm"), ("Q: big\nA:", " small and large"), ("Q: up\nA:", " down"),
+    ("Q: early\nA:", " late"), ("Q: hot\nA: cold\n\nQ: wet\nA:", " dry"),
+]
+ROLLING = ["The quick brown fox jumps over the lazy dog, and then it runs far away into the dark green forest " * 3,
+           "Paris is the capital of France."]
+
+
+def _ll(requests, docs=None):
+    """Instances; docs: (document, idx) per request (default: an empty document)."""
+    docs = docs or [({}, 0)] * len(requests)
+    return [Instance("loglikelihood", doc, args, idx) for args, (doc, idx) in zip(requests, docs)]
+
+
+def _gen(contexts, **kwargs):
+    return [Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 6, **kwargs}), i) for i, c in enumerate(contexts)]
+
+
+def _project_tasks(shared_data=None):
+    """The project's tasks only (indexing lm-eval's ~10k task files would cost seconds per run)."""
+    from lm_eval.tasks import TaskManager
+
+    from ffv_eval import TASKS_DIR
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                       metadata={"data_dir": str(shared_data)} if shared_data else None)
+
+
+def _scores(lm, shared_data):
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(model=lm, tasks=["u2_analogy"], limit=2, task_manager=_project_tasks(shared_data),
+                                  log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    return {
+        "u2": [s["resps"] for s in out["samples"]["u2_analogy"]],
+        "acc": out["results"]["u2_analogy"]["acc,none"],
+        "direct": lm.loglikelihood(_ll(LL)),
+        "rolling": lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(ROLLING)]),
+    }
+
+
+@pytest.mark.parametrize("args", [
+    "dtype=float32,batch_size=auto,max_batch_size=2,max_length=48,softmax_dtype=float32",
+    "dtype=bfloat16,batch_size=auto,max_batch_size=2,max_length=48,softmax_dtype=float32",
+    "dtype=float32,batch_size=3,max_length=48,mixed_precision_dtype=bfloat16",
+])
+def test_without_a_vector_ffv_patched_scores_exactly_as_hf(args, shared_data):
+    from lm_eval.api.registry import get_model
+
+    hf = get_model("hf").create_from_arg_string(f"pretrained={resolve_pretrained('gemma-3-270m')},device=cpu,{args}")
+    expected = _scores(hf, shared_data)
+    del hf
+    ffv = get_model("ffv-patched").create_from_arg_string(f"pretrained=gemma-3-270m,{args}")
+    got = _scores(ffv, shared_data)
+    assert str(ffv.model.dtype) == f"torch.{args.split(',')[0].removeprefix('dtype=')}"
+    assert len(got["u2"]) == 2 and len(got["rolling"]) == 2
+    assert got == expected  # bit for bit, every request type
+
+
+def _vector_file(path, lm, vector, layer):
+    save_vector(path, vector, {"kind": "fv", "relation": "test", "model_fingerprint": lm.fingerprint, "layer": layer})
+    return str(path)
+
+
+def _reference_loglikelihood(lm, context, continuation, vector, layer, position_in_continuation=0):
+    """One request, full logits, the vector added by a plain forward hook after block `layer` at
+    the position that predicts continuation token `position_in_continuation`."""
+    ctx, cont = lm._encode_pair(context, continuation)
+    ids = torch.tensor([ctx + cont[:-1]])
+    position = len(ctx) - 1 + position_in_continuation
+
+    def add(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[0, position] += vector.to(hidden.dtype)
+
+    handle = lm.model.model.layers[layer].register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            logits = lm.model(ids).logits[0, len(ctx) - 1:].float()
+    finally:
+        handle.remove()
+    targets = torch.tensor(cont)
+    return float(logits.log_softmax(-1).gather(1, targets[:, None]).sum()), bool((logits.argmax(-1) == targets).all())
+
+
+def test_each_row_is_patched_at_its_own_position(tmp_path):
+    """Right-padded batches mixing lengths, a shared one-token context, a multiple-choice analogy
+    document (patched where D is predicted), and two requests whose rows HFLM would merge but
+    whose patch positions differ: each equals the vector added to that request alone."""
+    from ffv_eval.lm_model import FFVPatchedLM
+
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=4)
+    torch.manual_seed(0)
+    vector = torch.randn(lm.patcher.adapter.hidden_size) * 40
+    lm.set_vector(_vector_file(tmp_path / "v.safetensors", lm, vector, 6))
+    analogy = {"choices": [["tall", "short"], ["big", "little"]]}
+    requests = LL + [
+        ("Q: hot\nA:", " cold and"), ("Q: hot\nA: cold", " and"),  # the same row, split differently
+        ("Q: hot\nA: cold\n\n", "Q: tall\nA: short"), ("Q: hot\nA: cold\n\n", "Q: big\nA: little"),
+    ]
+    docs = [({}, 0)] * (len(requests) - 2) + [(analogy, 0), (analogy, 1)]
+    got = lm.loglikelihood(_ll(requests, docs))
+    offsets = [0] * (len(requests) - 2) + [
+        lm._answer_offset(args, *lm._encode_pair(*args), d) for args, d in zip(requests[-2:], ("short", "little"))]
+    expected = [_reference_loglikelihood(lm, c, x, vector, 6, o) for (c, x), o in zip(requests, offsets)]
+    assert min(offsets[-2:]) > 0
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], abs=2e-4)
+    # had the two requests with one row been run as one, the second would be patched one token early
+    merged = _reference_loglikelihood(lm, *requests[len(LL) + 1], vector, 6, -1)
+    assert abs(merged[0] - got[len(LL) + 1][0]) > 1e-3
+    lm.set_vector(None)
+    plain = lm.loglikelihood(_ll(requests))
+    assert min(abs(p - s) for (p, _), (s, _) in zip(plain, got)) > 1e-3  # the vector acted on every request
+
+
+def test_generation_adds_the_vector_once_at_the_last_prompt_token(tmp_path):
+    """A marker vector (1e6 in one coordinate) shows where it was added: counted at the input of
+    the next block over every forward pass of a multi-token generation of two left-padded prompts."""
+    from ffv_eval.lm_model import FFVPatchedLM
+
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=2)
+    layer, hidden = 8, lm.patcher.adapter.hidden_size
+    marker = torch.zeros(hidden)
+    marker[3] = 1e6
+    seen = []
+
+    def count(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        seen.append((h.shape[1], (h[..., 3].abs() > 5e5).nonzero().tolist()))
+
+    handle = lm.model.model.layers[layer + 1].register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        requests = _gen(["Q: hot\nA:", "Q: a long question about the weather\nA:"], until=["never"])
+        lm.generate_until(requests)
+        unpatched, seen[:] = list(seen), []
+        lm.set_vector(_vector_file(tmp_path / "marker.safetensors", lm, marker, layer))
+        lm.generate_until(requests)
+    finally:
+        handle.remove()
+    assert all(not hits for _, hits in unpatched)
+    (prompt_length, hits), *steps = seen
+    assert len(steps) >= 2  # after the prefill step, one-token steps
+    assert hits == [[0, prompt_length - 1], [1, prompt_length - 1]]  # each row once, at its last prompt token
+    assert all(width == 1 and not step_hits for width, step_hits in steps)
+
+
+def test_generation_keeps_hflm_sampling_and_stopping(tmp_path):
+    """A zero vector goes through the patched path and must change nothing: greedy and sampled
+    generations (same seed), with stop sequences, equal `--model hf`."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ffv_eval.lm_model import FFVPatchedLM
+
+    contexts = ["Q: hot\nA:", "The capital of France is", "Q: tall\nA: short\n\nQ: up\nA:"]
+    greedy, sampled = _gen(contexts, until=["\n", "."]), _gen(contexts, do_sample=True, temperature=0.9, max_gen_toks=8)
+
+    def run(lm):
+        torch.manual_seed(0)
+        return lm.generate_until(greedy), lm.generate_until(sampled)
+
+    hf = HFLM(pretrained=resolve_pretrained("gemma-3-270m"), device="cpu", batch_size=3)
+    expected = run(hf)
+    del hf
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=3)
+    lm.set_vector(_vector_file(tmp_path / "zero.safetensors", lm, torch.zeros(lm.patcher.adapter.hidden_size), 6))
+    assert run(lm) == expected
+
+
+def _relation_run(model_args, limit=12):
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(model="ffv-patched", model_args=model_args, tasks=["relation_antonym"], limit=limit,
+                                  task_manager=_project_tasks(), log_samples=True, bootstrap_iters=0)
+    samples = sorted(out["samples"]["relation_antonym"], key=lambda s: s["doc_id"])
+    return out["results"]["relation_antonym"]["exact_match,none"], [s["filtered_resps"][0].strip() for s in samples], out
+
+
+def test_a_float32_vector_patches_the_bfloat16_model_inside_stock_lm_eval():
+    """The shipped (float32) antonym vector, through lm_eval.simple_evaluate with dtype=bfloat16,
+    moves the answers as it does in float32: most bfloat16 answers equal the float32 ones, and
+    few equal the unpatched bfloat16 answers."""
+    acc16, patched16, out = _relation_run("pretrained=gemma-3-270m,vector=antonym,dtype=bfloat16")
+    acc32, patched32, _ = _relation_run("pretrained=gemma-3-270m,vector=antonym,dtype=float32")
+    acc_plain, plain16, _ = _relation_run("pretrained=gemma-3-270m,dtype=bfloat16")
+    assert out["config"]["ffv_vector"]["relation"] == "antonym"
+    assert out["config"]["model_dtype"] == "torch.bfloat16"
+    same_as_float32 = sum(a == b for a, b in zip(patched16, patched32))
+    same_as_plain = sum(a == b for a, b in zip(patched16, plain16))
+    assert same_as_float32 >= 9 and same_as_plain <= 3, (patched16, patched32, plain16)
+    assert acc16 >= acc_plain + 0.4 and abs(acc16 - acc32) <= 0.25
+
+
+def test_the_response_cache_keeps_differently_patched_runs_apart(tmp_path):
+    """lm_eval.simple_evaluate(use_cache=...) keys responses on the request text alone; runs with
+    another vector (or none, another scale, another layer) compute their own answers, and a
+    rerun with the same vector reads them back without running the model."""
+    import lm_eval
+
+    from ffv_eval import VECTORS_DIR
+    from ffv_eval.lm_model import FFVPatchedLM
+
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=4)
+    shipped = load_vector(VECTORS_DIR / "gemma-3-270m" / "ffv" / "antonym.safetensors")
+    antonym = _vector_file(tmp_path / "antonym.safetensors", lm, shipped.vector, shipped.metadata["layer"])
+    calls = []
+    generate = lm._model_generate
+    lm._model_generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    cache = str(tmp_path / "cache" / "responses")
+
+    def run(vector=None, **how):
+        lm.set_vector(vector, **how)
+        calls.clear()
+        out = lm_eval.simple_evaluate(model=lm, tasks=["relation_antonym"], limit=6, use_cache=cache, log_samples=True,
+                                      task_manager=_project_tasks(), bootstrap_iters=0)
+        return [s["filtered_resps"][0] for s in sorted(out["samples"]["relation_antonym"], key=lambda s: s["doc_id"])], len(calls)
+
+    patched, patched_calls = run(antonym)
+    plain, plain_calls = run(None)
+    assert patched_calls > 0 and plain_calls > 0 and patched != plain
+    again, again_calls = run(antonym)
+    assert again == patched and again_calls == 0  # read back from the cache
+    assert run(None) == (plain, 0)
+    for how in ({"scale": 2.0}, {"layer": 8}):
+        other, other_calls = run(antonym, **how)
+        assert other_calls > 0, how
+    assert run(antonym, scale=2.0)[1] == 0
+
+
+def test_config_is_read_with_the_hub_arguments_before_the_weights(tmp_path, monkeypatch):
+    """revision, trust_remote_code, token, subfolder reach the early config read that checks the
+    vector (before HFLM loads anything)."""
+    from lm_eval.models.huggingface import HFLM
+
+    import ffv_eval.lm_model as lm_model
+
+    seen = {}
+    real = lm_model.text_config
+
+    def text_config(name, **kwargs):
+        seen.update(kwargs)
+        return real(name)
+
+    class Stop(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(lm_model, "text_config", text_config)
+    monkeypatch.setattr(HFLM, "__init__", refuse)
+    path = tmp_path / "v.safetensors"
+    save_vector(path, torch.ones(640), {"kind": "fv", "relation": "x", "model_fingerprint": "0" * 16, "layer": 3})
+    with pytest.raises(Stop):
+        lm_model.FFVPatchedLM(pretrained="gemma-3-270m", vector=str(path), revision="v1", trust_remote_code=True,
+                              token="hf_x", subfolder="")
+    assert seen == {"revision": "v1", "trust_remote_code": True, "token": "hf_x"}
