@@ -11,7 +11,6 @@ task version. `--run` reuses a cell only when all of these equal what it would r
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ffv_eval.atomic_files import atomic_write, atomic_write_text
+from ffv_eval.file_hashes import vector_sha256
 
 REQUIRED_FIELDS = ("results", "config", "versions", "n-shot")
 PRIMARY_METRICS = ("exact_match", "acc", "acc_norm", "top_answer")
@@ -601,22 +601,6 @@ def plan_runs(models: Sequence[str], tasks: Sequence[str], conditions: Sequence[
     if missing:
         raise LeaderboardError("no shipped vector for: " + ", ".join(missing))
     return runs
-
-
-def vector_sha256(path: str | os.PathLike | None) -> str | None:
-    """SHA-256 of a vector file, or of a basis directory (every .safetensors and .json below it,
-    by relative path); None if there is nothing at `path`."""
-    if not path:
-        return None
-    path = Path(path)
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    if not path.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{hashlib.sha256(file.read_bytes()).hexdigest()}\n".encode())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from ffv_eval.file_hashes import vector_sha256
 from ffv_eval.model_loading import default_device, model_fingerprint, resolve_pretrained, text_config
 from ffv_eval.patching import Patcher
 from ffv_eval.vector_store import KINDS, StoredVector, VectorFileError, check_compatible, find_vectors
@@ -171,6 +172,7 @@ class FFVPatchedLM(HFLM):
             meta = self.stored_vector.metadata
             info["ffv_vector"] = {
                 "path": str(self.stored_vector.path),
+                "sha256": vector_sha256(self.stored_vector.path),
                 "patch_layer": self.patch_layer,
                 "patch_scale": self.patch_scale,
                 **{k: meta[k] for k in ("kind", "relation", "model", "model_fingerprint", "layer", "scale", "heads", "data", "seed", "metrics") if k in meta},
@@ -180,6 +182,7 @@ class FFVPatchedLM(HFLM):
             info["ffv_vector"] = {
                 "kind": COMPOSITE,
                 "path": str(self.composite.cmap.basis.directory),
+                "sha256": vector_sha256(self.composite.cmap.basis.directory),
                 "relation": None,
                 "composition": "per question, from its source pair",
                 "patch_layer": self.patch_layer,
@@ -273,7 +276,8 @@ class FFVPatchedLM(HFLM):
         try:
             for task, indices in groups.items():
                 self._use_vector(f"{self.per_task_kind}:{task.removeprefix('relation_')}", None, self.patch_scale)
-                self.per_task_vectors[task] = {"path": str(self.stored_vector.path), "layer": self.patch_layer}
+                self.per_task_vectors[task] = {"path": str(self.stored_vector.path), "layer": self.patch_layer,
+                                               "sha256": vector_sha256(self.stored_vector.path)}
                 for i, result in zip(indices, run([requests[i] for i in indices])):
                     results[i] = result
         finally:
@@ -302,12 +306,14 @@ class FFVPatchedLM(HFLM):
             raise VectorFileError("vector=cfv builds each question's vector from its document's source pair; "
                                   "loglikelihood_rolling tasks (perplexity) have none: use a fixed vector")
         if self.per_task_kind:
-            return self._per_task(requests, lambda group: super(FFVPatchedLM, self).loglikelihood_rolling(group, disable_tqdm=disable_tqdm))
+            rolling = super().loglikelihood_rolling
+            return self._per_task(requests, lambda group: rolling(group, disable_tqdm=disable_tqdm))
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         if self.per_task_kind:
-            return self._per_task(requests, lambda group: super(FFVPatchedLM, self).generate_until(group, disable_tqdm=disable_tqdm))
+            generate = super().generate_until
+            return self._per_task(requests, lambda group: generate(group, disable_tqdm=disable_tqdm))
         if self.composite is None:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         # One CFV per source pair: generate each pair's requests with its own vector.
@@ -346,7 +352,8 @@ class FFVPatchedLM(HFLM):
         try:
             for rows, indices in self._plan_rows(requests, pending):
                 self._rows = rows
-                scores = super()._loglikelihood_tokens([requests[i] for i in indices], disable_tqdm=disable_tqdm, override_bs=override_bs)
+                scores = super()._loglikelihood_tokens([requests[i] for i in indices], disable_tqdm=disable_tqdm,
+                                                       override_bs=override_bs)
                 for i, score in zip(indices, scores):
                     results[i] = score
         finally:
@@ -395,7 +402,8 @@ class FFVPatchedLM(HFLM):
             raise VectorFileError(f"cannot locate the answer {answer!r} in the tokens of {continuation!r}")
         return offset
 
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
         """HFLM's forward for a right-padded batch of rows; with a vector, each row patched at its
         planned position, and logits returned for the last positions only, as many as HFLM reads
         (it locates the continuation from the end of the returned logits)."""
@@ -418,13 +426,14 @@ class FFVPatchedLM(HFLM):
 
         def forward(ids):
             if self._keeps_logits:
-                return self.model(ids, logits_to_keep=keep).logits
+                # Positions as a tensor: transformers then gathers a contiguous copy of the hidden
+                # states; an int slices a strided view, which torch 2.13's CPU matmul with frozen
+                # weights takes a path up to 10x slower on (same logits either way).
+                return self.model(ids, logits_to_keep=torch.arange(width - keep, width, device=ids.device)).logits
             return self.model(ids).logits[:, width - keep:]
 
-        with (
-            torch.no_grad(),
-            torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None),
-        ):
+        mixed = self.mixed_precision_dtype
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None):  # as HFLM
             return self.patcher.call_with_vector(forward, inps, layer=self.patch_layer, vector=vectors, positions=positions)
 
     # -- generation: HFLM's own, patched at the last prompt token of the prefill step --------

@@ -236,7 +236,7 @@ def check_same_model(baseline: Baseline, fingerprint: str, test_split: str | Non
     if test_split is not None and baseline.test_split != test_split:
         raise BaselineError(
             f"{baseline.path}: field 'test_split' is {baseline.test_split!r}, this run measured on {test_split!r} "
-            f"(is FFV_DATA_DIR set?)"
+            f"(the project's pairs changed? accept it with ffv check --update-baseline)"
         )
 
 
@@ -349,7 +349,7 @@ def measure_quality(model_alias: str, vector_paths: Sequence[str | Path], loaded
     from ffv_eval.function_vectors import first_token_accuracy
     from ffv_eval.model_loading import model_fingerprint
     from ffv_eval.patching import Patcher
-    from ffv_eval.relations import load_relation
+    from ffv_eval.relations import load_project_relation
     from ffv_eval.vector_store import check_compatible, load_vector
 
     stored = [load_vector(p) for p in vector_paths]  # file and data errors before any model work
@@ -359,7 +359,7 @@ def measure_quality(model_alias: str, vector_paths: Sequence[str | Path], loaded
         if key in by_key:
             raise BaselineError(f"{s.path}: a second vector for '{key}' (the first is {by_key[key].path})")
         by_key[key] = s
-    relations = {name: load_relation(name) for name in sorted({s.metadata["relation"] for s in stored})}
+    relations = {name: load_project_relation(name) for name in sorted({s.metadata["relation"] for s in stored})}
     sources = {r.source for r in relations.values()}
     model, tokenizer = (loaded[0], loaded[1]) if loaded else load_gate_model(model_alias, placement)[:2]
     fingerprint = loaded[2] if loaded and len(loaded) > 2 else model_fingerprint(model)

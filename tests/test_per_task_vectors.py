@@ -1,6 +1,9 @@
 """vector=<kind>:* in ffv-patched: one lm-eval run patches each relation task with its own vector,
 and scores exactly as one run per task with that vector."""
 
+import hashlib
+from pathlib import Path
+
 import pytest
 
 
@@ -25,6 +28,8 @@ def test_per_task_vectors_equal_one_run_per_vector():
     together, generations = run(tasks)
     used = together["config"]["ffv_vector"]["per_task"]
     assert set(used) == set(tasks) and used["relation_antonym"]["path"].endswith("ffv/antonym.safetensors")
+    for task in tasks:  # the file each task was patched with, by content (what leaderboard --run compares)
+        assert used[task]["sha256"] == hashlib.sha256(Path(used[task]["path"]).read_bytes()).hexdigest()
     for task in tasks:
         lm.set_vector(f"ffv:{task.removeprefix('relation_')}")
         alone, alone_generations = run([task])
