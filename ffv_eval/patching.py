@@ -121,6 +121,20 @@ class Patcher:
         patch_layers[b] set to patch_values[b] ([D]) at the last position; a row with layer -1
         is left unpatched. forward_kwargs go to the model (e.g. past_key_values). full_model
         runs the whole causal LM, logits at every position, as a plain forward would."""
+        result = self._head_patched_forward(input_ids, patch_layers, patch_heads, patch_values, full_model, **forward_kwargs)
+        if full_model:
+            return result.logits[:, -1]
+        return self.adapter.unembed(result.last_hidden_state[:, -1])
+
+    def last_hidden_with_head_patches(self, input_ids, patch_layers, patch_heads, patch_values, **forward_kwargs) -> torch.Tensor:
+        """As `last_logits_with_head_patches`, but the final-normed hidden state at the last
+        position [B, hidden], so that the caller unembeds it in bounded chunks."""
+        return self._head_patched_forward(input_ids, patch_layers, patch_heads, patch_values, False, **forward_kwargs).last_hidden_state[:, -1]
+
+    def _head_patched_forward(self, input_ids, patch_layers, patch_heads, patch_values, full_model, **forward_kwargs):
+        """The model's output (the whole causal LM's with full_model, else the base model's) with
+        row b's head patch_heads[b] at layer patch_layers[b] set to patch_values[b] at the last
+        position (layer -1: unpatched)."""
         a = self.adapter
         # Index plans live on the values' device; each is moved to the device of the output it edits.
         layers = torch.as_tensor(patch_layers, device=patch_values.device)
@@ -137,9 +151,7 @@ class Patcher:
                 view = x.view(x.shape[0], x.shape[1], a.n_heads, a.head_dim)
                 view[rows.to(x.device), -1, row_heads.to(x.device)] = values.to(x.device, x.dtype)
             out.append(nnsight.save(tracer.result))
-        if full_model:
-            return out[0].logits[:, -1]
-        return a.unembed(out[0].last_hidden_state[:, -1])
+        return out[0]
 
 
 def _per_row(vector: torch.Tensor, batch: int) -> torch.Tensor:
