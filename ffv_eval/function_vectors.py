@@ -86,10 +86,13 @@ def encode_continuation(tokenizer, context: str, continuation: str) -> tuple[lis
 
 def answer_token_id(tokenizer, prompt: str, word: str) -> int:
     """The first token of the answer `word` (` word`) where it follows `prompt`, as lm-eval scores it."""
-    _, ids = encode_continuation(tokenizer, prompt, answer_text(word))
-    if not ids:
+    return _first_answer_token(encode_continuation(tokenizer, prompt, answer_text(word))[1], prompt, word)
+
+
+def _first_answer_token(answer_ids: Sequence[int], prompt: str, word: str) -> int:
+    if not answer_ids:
         raise ValueError(f"answer {word!r} encodes to no tokens after {prompt[-40:]!r}")
-    return ids[0]
+    return answer_ids[0]
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], answers: Sequence[str]) -> PromptSet:
@@ -97,10 +100,8 @@ def encode_prompts(tokenizer, texts: Sequence[str], answers: Sequence[str]) -> P
     input_ids, answer_ids = [], []
     for text, answer in zip(texts, answers, strict=True):
         context, continuation = encode_continuation(tokenizer, text, answer_text(answer))
-        if not continuation:
-            raise ValueError(f"answer {answer!r} encodes to no tokens after {text[-40:]!r}")
         input_ids.append(context)
-        answer_ids.append(continuation[0])
+        answer_ids.append(_first_answer_token(continuation, text, answer))
     return PromptSet(input_ids, answer_ids)
 
 

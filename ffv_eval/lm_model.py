@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ffv_eval.file_hashes import vector_sha256
 from ffv_eval.model_loading import default_device, model_fingerprint, resolve_pretrained, text_config
-from ffv_eval.patching import Patcher
+from ffv_eval.patching import Patcher, last_prompt_positions
 from ffv_eval.vector_store import KINDS, StoredVector, VectorFileError, check_compatible, find_vectors
 
 COMPOSITE = "cfv"
@@ -441,9 +441,9 @@ class FFVPatchedLM(HFLM):
         if self.patch_vector is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         generate = super()._model_generate
-        last = torch.full((context.shape[0],), context.shape[1] - 1, dtype=torch.long, device=context.device)  # left padding
         return self.patcher.call_with_vector(lambda ids, **kwargs: generate(ids, max_length, stop, **kwargs), context,
-                                             layer=self.patch_layer, vector=self.patch_vector, positions=last, **generation_kwargs)
+                                             layer=self.patch_layer, vector=self.patch_vector,
+                                             positions=last_prompt_positions(context), **generation_kwargs)
 
 
 def _without_padding(row) -> tuple:

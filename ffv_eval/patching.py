@@ -56,11 +56,8 @@ class Patcher:
         base = self.adapter.base_model()
         if vector is None:
             return base(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).last_hidden_state
-        out: list = []
-        with self.traced.trace(input_ids, attention_mask=attention_mask, fn=base.forward, **forward_kwargs) as tracer:
-            self._add_at(layer, _per_row(vector, input_ids.shape[0]), positions)
-            out.append(nnsight.save(tracer.result))
-        return out[0].last_hidden_state
+        return self.call_with_vector(base.forward, input_ids, layer=layer, vector=vector, positions=positions,
+                                     attention_mask=attention_mask, **forward_kwargs).last_hidden_state
 
     def generate(
         self,
@@ -74,12 +71,8 @@ class Patcher:
         the last prompt position of the first (prefill) step only."""
         if vector is None:
             return self.model.generate(input_ids=input_ids, **generate_kwargs)
-        out: list = []
-        last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
-        with self.traced.trace(input_ids, fn=self.model.generate, **generate_kwargs) as tracer:
-            self._add_at(layer, _per_row(vector, input_ids.shape[0]), last)
-            out.append(nnsight.save(tracer.result))
-        return out[0]
+        return self.call_with_vector(self.model.generate, input_ids, layer=layer, vector=vector,
+                                     positions=last_prompt_positions(input_ids), **generate_kwargs)
 
     def call_with_vector(self, fn, input_ids: torch.Tensor, *, layer: int, vector: torch.Tensor,
                          positions: torch.Tensor, **kwargs):
@@ -152,6 +145,11 @@ class Patcher:
                 view[rows.to(x.device), -1, row_heads.to(x.device)] = values.to(x.device, x.dtype)
             out.append(nnsight.save(tracer.result))
         return out[0]
+
+
+def last_prompt_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's last prompt position [B] in a left-padded batch (generation), on its device."""
+    return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
 
 
 def _per_row(vector: torch.Tensor, batch: int) -> torch.Tensor:
