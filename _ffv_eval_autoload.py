@@ -2,7 +2,7 @@
 
 lm-eval 0.4.13 has no plugin discovery. This installs a tiny `sys.meta_path` finder that does
 nothing until lm-eval imports one of the modules in `_TRIGGERS`; right after that module has
-executed, it calls the matching function of `ffv_eval.lm_eval_plugin`, which registers the
+executed, it calls the matching function of `ffv_eval.harness.plugin`, which registers the
 `ffv-patched` model type or adds the project's task folder to every TaskManager. A program that
 never imports lm-eval pays for importing this module and a dict look-up per new import: nothing
 else (no ffv_eval, lm_eval, torch ...) is imported. Once both triggers have fired the finder
@@ -21,7 +21,7 @@ after editing this file, reinstall the project. FFV_EVAL_NO_AUTOLOAD=1 switches 
 
 import sys
 
-# module whose execution triggers a step of ffv_eval.lm_eval_plugin -> what that step does
+# module whose execution triggers a step of ffv_eval.harness.plugin -> what that step does
 _TRIGGERS = {
     "lm_eval.api.registry": "register the ffv-patched model",  # register_model()
     "lm_eval.tasks.manager": "add its task folder",  # include_project_tasks(TaskManager)
@@ -47,7 +47,7 @@ def _run(trigger, module):
     if _import_failed:
         return
     try:
-        from ffv_eval import lm_eval_plugin
+        from ffv_eval.harness import plugin
     except Exception as err:  # a broken install: one warning for both steps
         _import_failed = True
         sys.stderr.write(
@@ -58,9 +58,9 @@ def _run(trigger, module):
         return
     try:
         if trigger == "lm_eval.tasks.manager":
-            lm_eval_plugin.include_project_tasks(module.TaskManager)
+            plugin.include_project_tasks(module.TaskManager)
         else:
-            lm_eval_plugin.register_model()
+            plugin.register_model()
     except Exception as err:  # never break lm-eval because of us
         _warn(_TRIGGERS[trigger], err)
 

@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from ffv_eval import function_vectors as fv
-from ffv_eval.model_loading import input_device, load_model_and_tokenizer
-from ffv_eval.patching import Patcher
-from ffv_eval.relations import load_relation
+from ffv_eval.vectors import function_vectors as fv
+from ffv_eval.models.loading import input_device, load_model_and_tokenizer
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.relations import load_relation
 from peak_memory import peak_text, reset_peak
 
 

@@ -28,8 +28,8 @@ def main() -> None:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from ffv_eval.lm_model import FFVPatchedLM
-    from ffv_eval.model_loading import default_device, resolve_pretrained
+    from ffv_eval.harness.model import FFVPatchedLM
+    from ffv_eval.models.loading import default_device, resolve_pretrained
 
     def score(lm):
         best, out = None, None

@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from ffv_eval.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
-from ffv_eval.model_loading import input_device, load_model_and_tokenizer
-from ffv_eval.patching import Patcher
-from ffv_eval.relations import load_relation, project_relations
-from ffv_eval.vector_store import load_vector, shipped_path
+from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
+from ffv_eval.models.loading import input_device, load_model_and_tokenizer
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.relations import load_relation, project_relations
+from ffv_eval.vectors.store import load_vector, shipped_path
 from peak_memory import peak_text, reset_peak
 
 

@@ -2,7 +2,7 @@
 from a transformers config with random weights, and the tokenizer is a small BPE trained here
 on the project's own word pairs (tasks/relations/pairs), so nothing is downloaded.
 
-1. Correctness, every tiny model family (ffv_eval.tiny_models.FAMILY_NAMES): the same seeded
+1. Correctness, every tiny model family (ffv_eval.models.tiny.FAMILY_NAMES): the same seeded
    model in float32 on the CPU (the reference) and in bfloat16 on the GPU, compared with the
    tolerances in TOLERANCES: mean head outputs and indirect effects (the cached scan, and the
    scan against the one-forward-per-head loop on the GPU), an FFV trained a few steps from
@@ -116,7 +116,7 @@ class Report:
 
     def save(self) -> None:
         if self.out is not None:
-            from ffv_eval.atomic_files import atomic_write_text
+            from ffv_eval.files.atomic import atomic_write_text
 
             atomic_write_text(self.out, json.dumps(self.to_json(), indent=2) + "\n")
 
@@ -172,8 +172,8 @@ def pair_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ffv_eval.prompts import demo_text
-    from ffv_eval.relations import project_relation_path, project_relations, read_pairs
+    from ffv_eval.data.prompts import demo_text
+    from ffv_eval.data.relations import project_relation_path, project_relations, read_pairs
 
     pairs = [p for name in project_relations() for p in read_pairs(project_relation_path(name))]
     raw = Tokenizer(models.BPE())
@@ -198,10 +198,10 @@ class CheckData:
 
 
 def check_data(tokenizer) -> CheckData:
-    from ffv_eval import function_vectors as fv
-    from ffv_eval.composite import one_shot_prompt
-    from ffv_eval.prompts import query_text
-    from ffv_eval.relations import load_project_relation
+    from ffv_eval.vectors import function_vectors as fv
+    from ffv_eval.vectors.composite import one_shot_prompt
+    from ffv_eval.data.prompts import query_text
+    from ffv_eval.data.relations import load_project_relation
 
     relation = load_project_relation(RELATION)
     rng = random.Random(SEED)
@@ -233,7 +233,7 @@ def _common_prefix_share(a: str, b: str) -> float:
 @torch.no_grad()
 def residual_norm(model, prompts, layer: int) -> float:
     """Mean norm of the residual stream after block `layer` at the prompts' last tokens (float32)."""
-    from ffv_eval.model_loading import input_device
+    from ffv_eval.models.loading import input_device
 
     norms = []
     for ids in prompts.input_ids:
@@ -247,7 +247,7 @@ def lm_eval_outputs(model, tokenizer, vector_path: str, scale: float, data: Chec
     own request loops); with unpatched_too also the same requests without the vector."""
     from lm_eval.api.instance import Instance
 
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     # softmax_dtype float32: compare the model's arithmetic, not the rounding of a bfloat16
     # log-softmax (resolution ~0.03 nats at log-probabilities near -7) that HFLM would apply.
@@ -269,14 +269,14 @@ def lm_eval_outputs(model, tokenizer, vector_path: str, scale: float, data: Chec
 
 
 def check_family(family: str, device: torch.device, tokenizer, data: CheckData, report: Report, workdir: Path) -> None:
-    from ffv_eval import function_vectors as fv
-    from ffv_eval.basis import Basis
-    from ffv_eval.composite import CompositeMap, relation_posterior
-    from ffv_eval.fine_tuning import TrainingSettings, train_function_vector
-    from ffv_eval.model_loading import model_fingerprint
-    from ffv_eval.patching import Patcher
-    from ffv_eval.tiny_models import build_tiny_model
-    from ffv_eval.vector_store import save_vector
+    from ffv_eval.vectors import function_vectors as fv
+    from ffv_eval.vectors.basis import Basis
+    from ffv_eval.vectors.composite import CompositeMap, relation_posterior
+    from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector
+    from ffv_eval.models.loading import model_fingerprint
+    from ffv_eval.models.patching import Patcher
+    from ffv_eval.models.tiny import build_tiny_model
+    from ffv_eval.vectors.store import save_vector
 
     T = TOLERANCES
     ref = build_tiny_model(family, vocab_size=TINY_VOCAB, dtype=torch.float32, device="cpu", seed=SEED)
@@ -411,8 +411,8 @@ class SpeedRun:
 
 
 def speed_model(args, device: torch.device, tokenizer, report: Report, workdir: Path) -> SpeedRun:
-    from ffv_eval.patching import Patcher
-    from ffv_eval.relations import load_project_relation
+    from ffv_eval.models.patching import Patcher
+    from ffv_eval.data.relations import load_project_relation
 
     reset_peak(device)
     config = llama3_8b_config(args.small)
@@ -430,7 +430,7 @@ def speed_model(args, device: torch.device, tokenizer, report: Report, workdir: 
 def speed_mediation(args, run: SpeedRun, report: Report) -> None:
     """The cached indirect-effect scan of every head on args.prompts 10-shot prompts, against the
     one-forward-per-head loop on args.loop_heads heads of one prompt, extrapolated."""
-    from ffv_eval import function_vectors as fv
+    from ffv_eval.vectors import function_vectors as fv
 
     device, patcher, tokenizer, a = run.device, run.patcher, run.tokenizer, run.patcher.adapter
     rng = random.Random(SEED)
@@ -464,8 +464,8 @@ def speed_mediation(args, run: SpeedRun, report: Report) -> None:
 def speed_training(args, run: SpeedRun, report: Report) -> None:
     """FFV training steps per second, batch 4, from the top-10 heads' FV (a random start if the
     mediation part failed)."""
-    from ffv_eval import function_vectors as fv
-    from ffv_eval.fine_tuning import TrainingSettings, random_like, train_function_vector
+    from ffv_eval.vectors import function_vectors as fv
+    from ffv_eval.vectors.fine_tuning import TrainingSettings, random_like, train_function_vector
 
     device, a = run.device, run.patcher.adapter
     reset_peak(device)
@@ -494,11 +494,11 @@ def speed_scoring(args, run: SpeedRun, report: Report) -> None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from ffv_eval.composite import one_shot_prompt
-    from ffv_eval.fine_tuning import random_like
-    from ffv_eval.lm_model import FFVPatchedLM
-    from ffv_eval.model_loading import model_fingerprint
-    from ffv_eval.vector_store import save_vector
+    from ffv_eval.vectors.composite import one_shot_prompt
+    from ffv_eval.vectors.fine_tuning import random_like
+    from ffv_eval.harness.model import FFVPatchedLM
+    from ffv_eval.models.loading import model_fingerprint
+    from ffv_eval.vectors.store import save_vector
 
     device, model, tokenizer, a = run.device, run.model, run.tokenizer, run.patcher.adapter
     reset_peak(device)
@@ -556,7 +556,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="timed scoring runs per side, the fastest counts (default 2; --small 1)")
     args = parser.parse_args(argv)
 
-    from ffv_eval.tiny_models import FAMILY_NAMES
+    from ffv_eval.models.tiny import FAMILY_NAMES
 
     args.families = FAMILY_NAMES if not args.families else tuple(f.strip() for f in args.families.split(",") if f.strip())
     unknown = [f for f in args.families if f not in FAMILY_NAMES]

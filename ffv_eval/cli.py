@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ffv_eval import DEFAULT_MODEL
+from ffv_eval.errors import FFVError
+
 
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype, --device-map: where and in which dtype a subcommand's model runs (the
-    one home of these arguments; model_loading.Placement validates them)."""
+    one home of these arguments; models.loading.Placement validates them)."""
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda when a GPU is available, else cpu); not with --device-map")
-    parser.add_argument("--dtype", default="auto",
+    parser.add_argument("--dtype",
                         help="auto (the checkpoint's own, the default), float32, bfloat16 or float16: the model's weights "
                              "and activations; vectors stay float32")
     parser.add_argument("--device-map", default=None,
@@ -20,97 +23,108 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
 
 def placement_of(args):
     """The validated placement of parsed arguments (errors before any model work)."""
-    from ffv_eval.model_loading import Placement
+    from ffv_eval.models.loading import Placement
 
-    return Placement(args.device, args.dtype, args.device_map).checked()
+    return Placement(**_given(device=args.device, dtype=args.dtype, device_map=args.device_map)).checked()
+
+
+def _given(**options) -> dict:
+    """The options given on the command line. The others are None (their arguments have no
+    default here), so the settings dataclass or job function they go to applies its own default:
+    each default has one home."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _extract(args) -> None:
-    from ffv_eval.vector_jobs import extract_and_save
-    from ffv_eval.function_vectors import ExtractionSettings
+    from ffv_eval.vectors.jobs import extract_and_save
+    from ffv_eval.vectors.function_vectors import ExtractionSettings
 
-    settings = ExtractionSettings(
+    settings = ExtractionSettings(**_given(
         n_shots=args.shots, n_mean_prompts=args.mean_prompts, n_effect_prompts=args.effect_prompts,
         seed=args.seed, layer=args.layer,
-        **({"top_k_choices": (args.top_k,)} if args.top_k else {}),
-        **({"scale_choices": (args.scale,)} if args.scale else {}),
-    )
+        top_k_choices=(args.top_k,) if args.top_k else None,
+        scale_choices=(args.scale,) if args.scale else None,
+    ))
     for relation in args.relation:
         extract_and_save(args.model, relation, args.out, args.data_dir, settings, args.force, placement=placement_of(args))
 
 
 def _train(args) -> None:
-    from ffv_eval.fine_tuning import TrainingSettings
-    from ffv_eval.vector_jobs import train_and_save
+    from ffv_eval.vectors.fine_tuning import TrainingSettings
+    from ffv_eval.vectors.jobs import train_and_save
 
-    settings = TrainingSettings(n_pairs=args.pairs_count, steps=args.steps, batch_size=args.batch_size,
-                                learning_rate=args.lr, l2=args.l2, init=args.init, seed=args.seed)
+    settings = TrainingSettings(**_given(n_pairs=args.pairs_count, steps=args.steps, batch_size=args.batch_size,
+                                         learning_rate=args.lr, l2=args.l2, init=args.init, seed=args.seed))
     for relation in args.relation:
         train_and_save(args.model, relation, args.out, args.start_from, args.data_dir, settings, args.pairs, args.force,
                        placement=placement_of(args))
 
 
 def _decode(args) -> None:
-    from ffv_eval.vector_jobs import decode_and_print
+    from ffv_eval.vectors.jobs import decode_and_print
 
-    decode_and_print(args.vector, args.model, args.top, args.data_dir, placement=placement_of(args))
+    decode_and_print(args.vector, args.model, data_dir=args.data_dir, placement=placement_of(args), **_given(k=args.top))
 
 
 def _build_library(args) -> None:
-    from ffv_eval.vector_jobs import build_library
+    from ffv_eval.vectors.jobs import build_library
 
     build_library(args.model, args.relations, args.force, placement=placement_of(args))
 
 
 def _compare(args) -> None:
-    from ffv_eval.comparison import compare_conditions
+    from ffv_eval.reports.comparison import compare_conditions
 
-    compare_conditions(args.model, args.relations, limit=args.limit, batch_size=args.batch_size, placement=placement_of(args),
-                       num_fewshot=args.num_fewshot, data_dir=args.data_dir, output=args.output, kinds=args.kinds,
-                       markdown=args.markdown, command="ffv " + " ".join(sys.argv[1:]))
+    compare_conditions(args.model, args.relations, limit=args.limit, placement=placement_of(args),
+                       data_dir=args.data_dir, output=args.output, kinds=args.kinds,
+                       markdown=args.markdown, command="ffv " + " ".join(sys.argv[1:]),
+                       **_given(batch_size=args.batch_size, num_fewshot=args.num_fewshot))
 
 
 def _check(args) -> int:
-    from ffv_eval.quality_gate import Tolerances, run_check
+    from ffv_eval.reports.quality_gate import Tolerances, run_check
 
-    tolerances = Tolerances(args.max_accuracy_drop, args.max_gain_drop, args.max_decoding_hit_drop, args.max_movement)
-    return run_check(args.model, args.vectors, args.baseline, args.kinds, tolerances, args.update_baseline,
-                     placement=placement_of(args))
+    tolerances = Tolerances(**_given(max_accuracy_drop=args.max_accuracy_drop, max_gain_drop=args.max_gain_drop,
+                                     max_decoding_hit_drop=args.max_decoding_hit_drop,
+                                     max_relative_movement=args.max_movement))
+    return run_check(args.model, args.vectors, args.baseline, tolerances=tolerances, update=args.update_baseline,
+                     placement=placement_of(args), **_given(kinds=args.kinds))
 
 
 def _basis_build(args) -> None:
-    from ffv_eval.basis import BasisSettings
-    from ffv_eval.composite import MapSettings
-    from ffv_eval.composite_jobs import build_basis_and_map
+    from ffv_eval.vectors.basis import BasisSettings
+    from ffv_eval.vectors.composite import MapSettings
+    from ffv_eval.vectors.composite_jobs import build_basis_and_map
 
     build_basis_and_map(args.model, args.data_dir, args.sources, args.out, args.force,
-                        BasisSettings(steps=args.steps, relations_per_pass=args.relations_per_pass),
-                        MapSettings(steps=args.map_steps, analogies_per_relation=args.analogies_per_relation),
+                        BasisSettings(**_given(steps=args.steps, relations_per_pass=args.relations_per_pass)),
+                        MapSettings(**_given(steps=args.map_steps, analogies_per_relation=args.analogies_per_relation)),
                         args.max_relations, placement=placement_of(args))
 
 
 def _compose(args) -> None:
-    from ffv_eval.composite_jobs import explain_pairs
+    from ffv_eval.vectors.composite_jobs import explain_pairs
 
-    explain_pairs(args.pair, args.model, args.basis, args.top, placement=placement_of(args))
+    explain_pairs(args.pair, args.model, args.basis, placement=placement_of(args), **_given(top=args.top))
 
 
 def _leaderboard(args) -> None:
-    from ffv_eval.leaderboard import leaderboard_command
+    from ffv_eval.reports.leaderboard import leaderboard_command
 
     prefix = args.out_prefix
     leaderboard_command(args.results_dirs, args.markdown or f"{prefix}.md", args.csv or f"{prefix}.csv",
                         args.html or f"{prefix}.html", allow_mixed_versions=args.allow_mixed_versions,
-                        run_models=args.run_models, tasks=args.tasks, conditions=args.conditions, limit=args.limit,
-                        batch_size=args.batch_size, alignment_files=args.alignment, quality_files=args.vector_quality,
-                        data_dir=args.data_dir)
+                        run_models=args.run_models, tasks=args.tasks, limit=args.limit, alignment_files=args.alignment,
+                        quality_files=args.vector_quality, data_dir=args.data_dir,
+                        **_given(conditions=args.conditions, batch_size=args.batch_size))
 
 
 def _align(args) -> None:
-    from ffv_eval.alignment import align_shipped_vectors
+    from ffv_eval.reports.alignment import align_shipped_vectors
 
-    align_shipped_vectors(args.model, args.kinds, args.data_dir, args.output, args.markdown,
-                          args.max_comparisons, args.max_subcategories, args.seed, placement=placement_of(args))
+    align_shipped_vectors(args.model, data_dir=args.data_dir, output=args.output, markdown=args.markdown,
+                          max_comparisons=args.max_comparisons, max_subcategories=args.max_subcategories,
+                          placement=placement_of(args), **_given(kinds=args.kinds, seed=args.seed))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,61 +132,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="extract a function vector by causal mediation")
-    p.add_argument("--model", default="gemma-3-270m", help="embedded alias, Hugging Face id or local path")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded alias, Hugging Face id or local path")
     p.add_argument("--relation", required=True, nargs="+")
     p.add_argument("--out", help="output .safetensors (default: ./vectors/<model>/fv/<relation>.safetensors in the working directory)")
     p.add_argument("--data-dir", help="read Todd et al.'s files from this directory (default: $FFV_DATA_DIR, else the project's pairs)")
     p.add_argument("--layer", type=int, help="add the vector after this block (default: chosen by validation accuracy)")
     p.add_argument("--top-k", type=int, help="number of heads (default: chosen from 1, 3, 10)")
     p.add_argument("--scale", type=float, help="scale of the summed heads (default: chosen from 1, 2, 4)")
-    p.add_argument("--shots", type=int, default=10)
-    p.add_argument("--mean-prompts", type=int, default=32)
-    p.add_argument("--effect-prompts", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", type=int, help="demonstrations per in-context prompt")
+    p.add_argument("--mean-prompts", type=int, help="clean prompts the mean head outputs are taken over")
+    p.add_argument("--effect-prompts", type=int, help="shuffled-label prompts each head's indirect effect is measured on")
+    p.add_argument("--seed", type=int)
     p.add_argument("--force", action="store_true", help="overwrite an existing vector")
     add_placement_arguments(p)
     p.set_defaults(run=_extract)
 
     p = sub.add_parser("train", help="fine-tune a function vector (FFV) with the model frozen")
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--relation", required=True, nargs="+")
-    p.add_argument("--init", choices=["fv", "random"], default="fv", help="start from the relation's FV, or random (the ablation)")
+    p.add_argument("--init", choices=["fv", "random"], help="start from the relation's FV, or random (the ablation)")
     p.add_argument("--start-from", help="FV file to start from (default: the relation's FV in ./vectors/<model>/fv/, else the shipped one)")
     p.add_argument("--out", help="output .safetensors (default: ./vectors/<model>/ffv[-random]/<relation>.safetensors in the working directory)")
     p.add_argument("--pairs", help="training pairs (.jsonl of {input, output}; default: the relation's train split)")
-    p.add_argument("--pairs-count", type=int, default=20, help="number of training pairs used")
+    p.add_argument("--pairs-count", type=int, help="number of training pairs used")
     p.add_argument("--data-dir", help="read Todd et al.'s files from this directory")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate, relative to the vector's RMS")
-    p.add_argument("--l2", type=float, default=0.01, help="weight of the L2 term (|v|/|v0|)^2")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="Adam learning rate, relative to the vector's RMS")
+    p.add_argument("--l2", type=float, help="weight of the L2 term (|v|/|v0|)^2")
+    p.add_argument("--seed", type=int)
     p.add_argument("--force", action="store_true")
     add_placement_arguments(p)
     p.set_defaults(run=_train)
 
     p = sub.add_parser("decode", help="tokens a vector promotes through the final norm and unembedding")
     p.add_argument("vector", nargs="+", help="a .safetensors file, kind:relation, or a relation name (FV and FFV side by side)")
-    p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--top", type=int, help="tokens shown per vector")
     p.add_argument("--data-dir")
     add_placement_arguments(p)
     p.set_defaults(run=_decode)
 
     p = sub.add_parser("build-library", help="build the FV, FFV and random-init FFV of every relation for a model under ./vectors "
                                             "(run in the checkout: the shipped library)")
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--relations", nargs="+", help="default: every relation with project word pairs")
     p.add_argument("--force", action="store_true", help="rebuild everything from scratch")
     add_placement_arguments(p)
     p.set_defaults(run=_build_library)
 
     p = sub.add_parser("compare", help="score a model zero-shot, with its vectors, and k-shot with lm-eval")
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--relations", nargs="+", default=None, help="default: the six headline relations; 'all': every project relation")
     p.add_argument("--limit", type=int, default=None, help="test examples per task")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-fewshot", type=int, default=10)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-fewshot", type=int, help="shots of the k-shot condition")
     p.add_argument("--data-dir", help="score on Todd et al.'s files from this directory")
     p.add_argument("--output", help="write the comparison as JSON here")
     p.add_argument("--kinds", nargs="+", default=None, choices=["fv", "ffv", "ffv-random"],
@@ -191,11 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-mixed-versions", action="store_true", help="show runs of different task versions side by side")
     p.add_argument("--run", nargs="+", metavar="MODEL", dest="run_models", help="first run the missing lm-eval evaluations of these models")
     p.add_argument("--tasks", nargs="+", help="tasks for --run (groups of ffv-eval's tasks, e.g. relations, todd, expand to their tasks)")
-    p.add_argument("--conditions", nargs="+", default=["unpatched", "fv", "ffv", "10-shot"],
+    p.add_argument("--conditions", nargs="+",
                    help="for --run: unpatched, <k>-shot, a vector kind (fv, ffv, ffv-random: each relation's own), "
                         "or <kind>:<relation> (one vector for all tasks)")
     p.add_argument("--limit", type=int, default=None, help="for --run: test examples per task")
-    p.add_argument("--batch-size", type=int, default=16, help="for --run")
+    p.add_argument("--batch-size", type=int, help="for --run")
     p.add_argument("--data-dir", help="for --run: data directory of the todd_<relation> and analogy tasks, recorded in "
                                       "the results (default: $FFV_DATA_DIR)")
     p.add_argument("--alignment", nargs="+", default=[], help="`ffv align --output` files to show as a table")
@@ -205,31 +219,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="CI gate: compare vector quality with a baseline file (exit 1 on a regression)")
     p.add_argument("vectors", nargs="*", help=".safetensors files (default: the model's shipped vectors of --kinds)")
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--baseline", help="baseline file (default: ./vectors/<model>/quality-baseline.json if it exists, else the shipped "
                                           "one; --update-baseline writes only the file given or that ./vectors one)")
-    p.add_argument("--kinds", nargs="+", default=["fv", "ffv"], choices=["fv", "ffv", "ffv-random"],
+    p.add_argument("--kinds", nargs="+", choices=["fv", "ffv", "ffv-random"],
                    help="shipped vector kinds checked when no files are given")
     p.add_argument("--update-baseline", action="store_true", help="measure and write the baseline instead of checking")
-    p.add_argument("--max-accuracy-drop", type=float, default=0.04, help="absolute drop in test accuracy allowed")
-    p.add_argument("--max-gain-drop", type=float, default=0.04, help="absolute drop in gain over zero-shot allowed")
-    p.add_argument("--max-decoding-hit-drop", type=int, default=2, help="drop in answer tokens among the top 20 allowed")
-    p.add_argument("--max-movement", type=float, default=0.05, help="relative L2 distance from the baseline vector allowed")
+    p.add_argument("--max-accuracy-drop", type=float, help="absolute drop in test accuracy allowed")
+    p.add_argument("--max-gain-drop", type=float, help="absolute drop in gain over zero-shot allowed")
+    p.add_argument("--max-decoding-hit-drop", type=int, help="drop in answer tokens among the top 20 allowed")
+    p.add_argument("--max-movement", type=float, help="relative L2 distance from the baseline vector allowed")
     add_placement_arguments(p)
     p.set_defaults(run=_check)
 
     p = sub.add_parser("basis", help="the basis of composite function vectors")
     basis_sub = p.add_subparsers(dest="basis_command", required=True)
     p = basis_sub.add_parser("build", help="train the missing basis FFVs and fit the composite map")
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data-dir", help="add every relation found here (default: $FFV_DATA_DIR; without one, the project's relations only)")
     p.add_argument("--sources", nargs="+", choices=["project", "todd", "bats", "google", "semeval"],
                    help="relation sources (default: all found)")
     p.add_argument("--out", help="basis directory (default: $FFV_CACHE_DIR/basis/<model>)")
-    p.add_argument("--steps", type=int, default=60, help="training steps per basis FFV")
-    p.add_argument("--relations-per-pass", type=int, default=16, help="relations trained together in one forward pass")
-    p.add_argument("--map-steps", type=int, default=150, help="steps fitting the affine map")
-    p.add_argument("--analogies-per-relation", type=int, default=4, help="training analogies drawn per basis relation")
+    p.add_argument("--steps", type=int, help="training steps per basis FFV")
+    p.add_argument("--relations-per-pass", type=int, help="relations trained together in one forward pass")
+    p.add_argument("--map-steps", type=int, help="steps fitting the affine map")
+    p.add_argument("--analogies-per-relation", type=int, help="training analogies drawn per basis relation")
     p.add_argument("--max-relations", type=int, help="use only the first N relations (for quick trials)")
     p.add_argument("--force", action="store_true", help="retrain every basis FFV")
     add_placement_arguments(p)
@@ -238,18 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compose", help="show the top basis relations and weights of the CFV for a pair")
     p.add_argument("--pair", nargs="+", required=True, help="source pairs a:b")
     p.add_argument("--basis", help="basis directory (default: $FFV_CACHE_DIR/basis/<model>)")
-    p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--top", type=int, help="basis relations shown per pair")
     add_placement_arguments(p)
     p.set_defaults(run=_compose)
 
     p = sub.add_parser("align", help="agreement of FV / FFV relation representations with human similarity judgments")
-    p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--kinds", nargs="+", default=["fv", "ffv"], choices=["fv", "ffv", "ffv-random"])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--kinds", nargs="+", choices=["fv", "ffv", "ffv-random"], help="shipped vector kinds")
     p.add_argument("--data-dir", help="directory with relsim/ and semeval2012/ (default: $FFV_DATA_DIR)")
     p.add_argument("--max-comparisons", type=int, help="seeded subset of the relsim comparisons (default: all)")
     p.add_argument("--max-subcategories", type=int, help="seeded subset of SemEval-2012 subcategories (default: all 79)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of the subsets and the bootstrap resamples")
     p.add_argument("--output", help="write the figures as JSON here")
     p.add_argument("--markdown", help="write the table as Markdown here")
     add_placement_arguments(p)
@@ -258,12 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ffv_eval.fine_tuning import DivergedTraining
-
+    """Run one subcommand; its exit status. Bad input (an FFVError, whose message names the file,
+    field or line and the fix) is one line `ffv: error: ...` on stderr and exit status 2, as
+    argparse does for bad arguments; any other exception is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         status = args.run(args)
-    except (ValueError, FileNotFoundError, TimeoutError, DivergedTraining) as err:  # our errors name the file, field or line
+    except FFVError as err:
         print(f"ffv: error: {err}", file=sys.stderr)
         return 2
     return status or 0

@@ -13,12 +13,14 @@ import importlib.metadata
 import os
 from collections.abc import Callable, Iterable
 
+from ffv_eval.errors import FFVError
+
 DISTRIBUTION = "ffv-eval"
 CHECKED = ("torch", "lm-eval", "nnsight", "transformers")
 SKIP_ENV = "FFV_EVAL_SKIP_VERSION_CHECK"
 
 
-class DependencyVersionError(ImportError):
+class DependencyVersionError(FFVError, ImportError):
     """An installed dependency is missing or outside the range this ffv-eval supports."""
 
 

@@ -54,7 +54,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def gemma():
     """The real embedded default model: (model, tokenizer)."""
-    from ffv_eval.model_loading import load_model_and_tokenizer
+    from ffv_eval.models.loading import load_model_and_tokenizer
 
     torch.set_grad_enabled(False)
     return load_model_and_tokenizer("gemma-3-270m")

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 import ffv_eval
-from ffv_eval import analogy_data as A
+from ffv_eval.data import analogies as A
 
 QUESTION_TASKS = [f"{s}_analogy{v}" for v in ("", "_plain") for s in A.QUESTION_SETS]
 ALL_TASKS = QUESTION_TASKS + ["ucla_vat", "ucla_vat_plain"] + [f"analogy_completion_{s}" for s in A.COMPLETION_SETS]
@@ -346,17 +346,22 @@ def one_torch_thread():
 
 
 def test_u2_on_gemma_hf_equals_ffv_patched_and_completion_runs(shared_data, one_torch_thread):
+    import string
+
     import lm_eval
+    from lm_eval.api.model import LM
     from lm_eval.api.registry import get_model
 
-    from ffv_eval.model_loading import resolve_pretrained
+    from ffv_eval.models.loading import resolve_pretrained
 
     tm = _tasks(shared_data)
     runs = {}
     hf = get_model("hf").create_from_arg_string(f"pretrained={resolve_pretrained('gemma-3-270m')},device=cpu")
     runs["hf"] = lm_eval.simple_evaluate(model=hf, tasks=["u2_analogy"], limit=4, task_manager=tm, bootstrap_iters=0)
+    hf_completion = lm_eval.simple_evaluate(model=hf, tasks=["analogy_completion_kmiecik"], limit=2, task_manager=tm,
+                                            bootstrap_iters=0)["samples"]["analogy_completion_kmiecik"]
     del hf
-    ffv = get_model("ffv-patched").create_from_arg_string("pretrained=gemma-3-270m,device=cpu")
+    ffv = get_model("ffv-patched").create_from_arg_string("pretrained=gemma-3-270m,device=cpu,vector=none")
     runs["ffv"] = lm_eval.simple_evaluate(model=ffv, tasks=["u2_analogy"], limit=4, task_manager=tm, bootstrap_iters=0)
     hf_res, ffv_res = (runs[k]["results"]["u2_analogy"] for k in ("hf", "ffv"))
     assert hf_res["acc,none"] == ffv_res["acc,none"] and hf_res["acc_norm,none"] == ffv_res["acc_norm,none"]
@@ -369,4 +374,32 @@ def test_u2_on_gemma_hf_equals_ffv_patched_and_completion_runs(shared_data, one_
                                   bootstrap_iters=0)
     res = out["results"]["analogy_completion_kmiecik"]
     assert res["sample_len"] == 2
-    assert 0.0 <= res["top_answer,none"] <= 1.0 and 0.0 <= res["human_share,none"] <= 1.0
+    # the unpatched generations are stock HF's; both metrics recomputed from the raw file, for
+    # them and for scripted answers whose scores are known (doc 0's top answer, doc 1's second)
+    generations = [s["filtered_resps"][0] for s in sorted(out["samples"]["analogy_completion_kmiecik"], key=lambda s: s["doc_id"])]
+    assert generations == [s["filtered_resps"][0] for s in sorted(hf_completion, key=lambda s: s["doc_id"])]
+    raw = [json.loads(line) for line in (shared_data / "analogy_completion" / "kmiecik.jsonl").read_text().splitlines()[:2]]
+    people = [{answer: n for answer, n in item["responses"].items() if answer != "skip"} for item in raw]
+
+    def expected(answers):
+        first = [a.lower().split()[0].strip(string.punctuation) if a.split() else "" for a in answers]
+        top = [f == min(p, key=lambda answer: (-p[answer], answer)) for f, p in zip(first, people)]
+        share = [p.get(f, 0) / sum(p.values()) for f, p in zip(first, people)]
+        return pytest.approx(sum(top) / 2), pytest.approx(sum(share) / 2)
+
+    assert (res["top_answer,none"], res["human_share,none"]) == expected(generations)
+
+    scripted = [" Office, of course", " " + sorted(people[1], key=people[1].get)[-2].capitalize() + "."]
+
+    class Scripted(LM):
+        def generate_until(self, requests, disable_tqdm=False):
+            return [scripted[r.doc_id] for r in requests]
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        loglikelihood_rolling = loglikelihood
+
+    res = lm_eval.simple_evaluate(model=Scripted(), tasks=["analogy_completion_kmiecik"], limit=2, task_manager=tm,
+                                  bootstrap_iters=0)["results"]["analogy_completion_kmiecik"]
+    assert (res["top_answer,none"], res["human_share,none"]) == expected(scripted) and res["top_answer,none"] == 0.5

@@ -1,5 +1,5 @@
 """Architecture adapters on tiny random-weight models of every supported family
-(ffv_eval.tiny_models), in float32 and bfloat16, against references taken from the real
+(ffv_eval.models.tiny), in float32 and bfloat16, against references taken from the real
 modules with plain torch hooks.
 
 Tolerances. float32: sums in another order, 1e-5 relative to the residual stream's scale.
@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 
-from ffv_eval import function_vectors as fv
-from ffv_eval.architectures import FAMILIES, PostNormAdapter, UnsupportedArchitecture, adapter_for
-from ffv_eval.patching import Patcher
-from ffv_eval.tiny_models import FAMILY_NAMES, build_tiny_model
+from ffv_eval.vectors import function_vectors as fv
+from ffv_eval.models.architectures import FAMILIES, PostNormAdapter, UnsupportedArchitecture, adapter_for
+from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tiny import FAMILY_NAMES, build_tiny_model
 
 VOCAB = 96  # small, so a head's effect on one answer token's probability is not diluted
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -231,8 +231,8 @@ def test_cached_indirect_effects_equal_the_straightforward_loop(family, dtype):
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "gemma3"])
 def test_extract_and_train_from_the_command_line(family, tmp_path, smollm2_tokenizer):
     from ffv_eval.cli import main
-    from ffv_eval.tiny_models import save_tiny_model
-    from ffv_eval.vector_store import load_vector
+    from ffv_eval.models.tiny import save_tiny_model
+    from ffv_eval.vectors.store import load_vector
 
     model_dir = save_tiny_model(family, tmp_path / family, tokenizer=smollm2_tokenizer)
     fv_path, ffv_path = tmp_path / "fv.safetensors", tmp_path / "ffv.safetensors"
@@ -252,7 +252,7 @@ def test_extract_and_train_from_the_command_line(family, tmp_path, smollm2_token
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from ffv_eval.tiny_models import smollm2_tokenizer
+    from ffv_eval.models.tiny import smollm2_tokenizer
 
     try:
         return smollm2_tokenizer()
@@ -268,7 +268,7 @@ def test_unknown_family_names_the_fix():
     with pytest.raises(UnsupportedArchitecture) as err:
         adapter_for(Fake())
     message = str(err.value)
-    for part in ("'mamba'", "gpt2", "gpt_neox", "gemma3", "ffv_eval/architectures.py", "FAMILIES", "output projection"):
+    for part in ("'mamba'", "gpt2", "gpt_neox", "gemma3", "ffv_eval/models/architectures.py", "FAMILIES", "output projection"):
         assert part in message
 
 

@@ -6,14 +6,14 @@ from collections import Counter
 
 import pytest
 
-from ffv_eval.basis_sources import (
+from ffv_eval.data.basis_sources import (
     SOURCES,
     analogy_test_pairs,
     basis_relations,
     project_train_pairs,
     slug,
 )
-from ffv_eval.relations import RelationDataError, WordPair, load_relation, project_relations
+from ffv_eval.data.relations import RelationDataError, WordPair, load_relation, project_relations
 
 
 # -- real data -------------------------------------------------------------------------------------

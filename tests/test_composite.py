@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ffv_eval.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
-from ffv_eval.patching import Patcher
-from ffv_eval.relations import WordPair
+from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.relations import WordPair
 from tests.conftest import tiny_llama
 
 
@@ -46,10 +46,10 @@ def test_batched_training_of_several_relations_equals_training_each_alone():
 # -- Gemma 3 270M: a small basis of project relations ------------------------------------------
 @pytest.fixture(scope="module")
 def small_basis(gemma, tmp_path_factory):
-    from ffv_eval.basis import BasisSettings, build_basis
-    from ffv_eval.basis_sources import basis_relations
-    from ffv_eval.composite import MapSettings, fit_composite_map, save_composite_map, training_analogies
-    from ffv_eval.model_loading import model_fingerprint
+    from ffv_eval.vectors.basis import BasisSettings, build_basis
+    from ffv_eval.data.basis_sources import basis_relations
+    from ffv_eval.vectors.composite import MapSettings, fit_composite_map, save_composite_map, training_analogies
+    from ffv_eval.models.loading import model_fingerprint
 
     model, tok = gemma
     patcher = Patcher(model)
@@ -68,8 +68,8 @@ def small_basis(gemma, tmp_path_factory):
 
 @pytest.mark.slow
 def test_basis_vectors_are_trained_stored_and_reused(small_basis):
-    from ffv_eval.basis import BasisError, build_basis
-    from ffv_eval.vector_store import load_vector
+    from ffv_eval.vectors.basis import BasisError, build_basis
+    from ffv_eval.vectors.store import load_vector
 
     b = small_basis
     assert b.basis.vectors.shape == (4, 640)
@@ -95,10 +95,16 @@ def dataclasses_replace(obj, **changes):
 
 @pytest.mark.slow
 def test_posterior_picks_the_relation_of_a_source_pair(small_basis):
-    from ffv_eval.composite import relation_posterior
+    from ffv_eval.vectors.composite import relation_posterior
+
+    from ffv_eval.data.relations import load_relation
 
     b = small_basis
-    stems = [(p.input, p.output) for r in b.relations for p in r.pairs[:5]]
+    # held out: each relation's test pairs, which the basis vectors were not trained on
+    held_out = [load_relation(r.name.removeprefix("project/")).test[:5] for r in b.relations]
+    for r, pairs in zip(b.relations, held_out):
+        assert not {p.input for p in pairs} & {p.input for p in r.pairs}, r.name
+    stems = [(p.input, p.output) for pairs in held_out for p in pairs]
     truth = [i for i in range(len(b.relations)) for _ in range(5)]
     posterior = relation_posterior(b.patcher, b.tok, b.basis, stems)
     assert torch.allclose(posterior.sum(-1), torch.ones(len(stems)), atol=1e-5)
@@ -108,8 +114,8 @@ def test_posterior_picks_the_relation_of_a_source_pair(small_basis):
 
 @pytest.mark.slow
 def test_composite_map_round_trip_and_bad_input(small_basis, tmp_path):
-    from ffv_eval.basis import BasisError, load_basis
-    from ffv_eval.composite import CompositeVectors, load_composite_map
+    from ffv_eval.vectors.basis import BasisError, load_basis
+    from ffv_eval.vectors.composite import CompositeVectors, load_composite_map
 
     b = small_basis
     cmap = load_composite_map(b.directory, b.fingerprint)
@@ -135,7 +141,7 @@ def test_composite_map_round_trip_and_bad_input(small_basis, tmp_path):
 def test_cfv_is_patched_where_d_is_predicted_in_lm_eval(small_basis, shared_data):
     import lm_eval
 
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     b = small_basis
     lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="cfv", basis=str(b.directory), batch_size=8)
@@ -162,8 +168,8 @@ def test_cfv_is_patched_where_d_is_predicted_in_lm_eval(small_basis, shared_data
 
 @pytest.mark.slow
 def test_cached_basis_scores_equal_full_forward_scores(small_basis):
-    from ffv_eval.composite import basis_logprobs
-    from ffv_eval.function_vectors import answer_scores
+    from ffv_eval.vectors.composite import basis_logprobs
+    from ffv_eval.vectors.function_vectors import answer_scores
 
     b = small_basis
     stems = [("hot", "cold"), ("France", "Paris"), ("mouse", "mice"), ("walk", "walked")]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ffv_eval import relations as R
-from ffv_eval.task_data import first_word_match
-from ffv_eval.vector_store import VectorFileError, find_vectors, load_vector, save_vector, sidecar_path
+from ffv_eval.data import relations as R
+from ffv_eval.data.task_data import first_word_match
+from ffv_eval.vectors.store import VectorFileError, VectorNameError, find_vectors, load_vector, save_vector, sidecar_path
 
 
 def test_every_project_relation_has_distinct_splits_of_the_required_size():
@@ -164,9 +164,9 @@ def test_bad_vectors_are_refused_and_nothing_is_written(tmp_path):
 
 
 def test_shipped_names(tmp_path):
-    with pytest.raises(VectorFileError, match="unknown vector name 'no-such-relation'"):
+    with pytest.raises(VectorNameError, match="unknown vector name 'no-such-relation'"):
         find_vectors("no-such-relation")
-    with pytest.raises(VectorFileError, match="unknown kind 'cfx'"):
+    with pytest.raises(VectorNameError, match="unknown kind 'cfx'"):
         find_vectors("cfx:antonym")
     for model, kind in (("m1", "fv"), ("m1", "ffv"), ("m2", "fv")):
         save_vector(tmp_path / model / kind / "antonym.safetensors", torch.ones(4), _meta(kind=kind, model_fingerprint=model))

@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from ffv_eval import VECTORS_DIR
-from ffv_eval import function_vectors as fv
-from ffv_eval.basis import Basis
-from ffv_eval.composite import Analogy, MapSettings, basis_logprobs, completion_scores, fit_composite_map
-from ffv_eval.decoding import decode_vector
-from ffv_eval.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
-from ffv_eval.model_loading import Placement, PlacementError, input_device, load_model_and_tokenizer, model_fingerprint
-from ffv_eval.patching import Patcher
-from ffv_eval.prompts import query_text
-from ffv_eval.relations import WordPair, load_relation, project_relations
+from ffv_eval.vectors import function_vectors as fv
+from ffv_eval.vectors.basis import Basis
+from ffv_eval.vectors.composite import Analogy, MapSettings, basis_logprobs, completion_scores, fit_composite_map
+from ffv_eval.vectors.decoding import decode_vector
+from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
+from ffv_eval.models.loading import Placement, PlacementError, input_device, load_model_and_tokenizer, model_fingerprint
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.prompts import query_text
+from ffv_eval.data.relations import WordPair, load_relation, project_relations
 from tests.conftest import tiny_gemma3, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,8 +89,8 @@ def test_lm_eval_gets_the_placement_as_hflm_model_args(monkeypatch):
 
 
 def test_compare_passes_the_placement_to_lm_eval(monkeypatch):
-    from ffv_eval import lm_model
-    from ffv_eval.comparison import compare_conditions
+    from ffv_eval.harness import model as lm_model
+    from ffv_eval.reports.comparison import compare_conditions
 
     seen = {}
 
@@ -117,7 +117,7 @@ MODEL_SUBCOMMANDS = [
 def test_every_model_subcommand_refuses_a_missing_device_before_any_model_work(args, monkeypatch, capsys, tmp_path):
     from lm_eval.models.huggingface import HFLM
 
-    from ffv_eval import model_loading
+    from ffv_eval.models import loading as model_loading
     from ffv_eval.cli import main
 
     def refuse(*a, **k):
@@ -279,7 +279,7 @@ def test_answer_tokens_with_a_trained_sentencepiece_model_are_the_words_first_pi
 def test_answer_tokens_of_the_embedded_tokenizers_match_lm_eval(model):
     from transformers import AutoTokenizer
 
-    from ffv_eval.model_loading import resolve_pretrained
+    from ffv_eval.models.loading import resolve_pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(model))
     pairs = [p for name in project_relations() for p in load_relation(name).test[:8]]
@@ -289,7 +289,7 @@ def test_answer_tokens_of_the_embedded_tokenizers_match_lm_eval(model):
 def test_continuations_move_trailing_whitespace_and_refuse_a_merged_prompt():
     from transformers import AutoTokenizer
 
-    from ffv_eval.model_loading import resolve_pretrained
+    from ffv_eval.models.loading import resolve_pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("smollm2-135m"))
     assert fv.encode_continuation(tokenizer, "Q: hot\nA: ", "cold") == fv.encode_continuation(tokenizer, "Q: hot\nA:", " cold")
@@ -373,7 +373,8 @@ def test_composite_map_fit_with_bounded_logits_equals_unbounded(monkeypatch):
 
 # -- 1. tensors on the model's device ----------------------------------------------------------
 FACTORIES = {"tensor", "zeros", "ones", "full", "arange", "empty", "eye", "randn", "rand", "randint", "linspace"}
-DEVICE_MODULES = ["function_vectors", "fine_tuning", "composite", "basis", "decoding", "quality_gate", "alignment", "model_loading"]
+DEVICE_MODULES = ["vectors/function_vectors", "vectors/fine_tuning", "vectors/composite", "vectors/basis", "vectors/decoding",
+                  "reports/quality_gate", "reports/alignment", "models/loading", "models/patching"]
 
 
 def test_no_tensor_is_made_without_naming_its_device():
@@ -456,9 +457,9 @@ def test_bfloat16_models_score_and_train_in_float32(make):
 
 def test_jobs_run_in_bfloat16_and_store_float32_vectors(tmp_path):
     """extract, train, decode and the quality measurement on a tiny bfloat16 checkpoint."""
-    from ffv_eval.quality_gate import measure_quality
-    from ffv_eval.vector_jobs import decode_and_print, extract_and_save, train_and_save
-    from ffv_eval.vector_store import load_vector
+    from ffv_eval.reports.quality_gate import measure_quality
+    from ffv_eval.vectors.jobs import decode_and_print, extract_and_save, train_and_save
+    from ffv_eval.vectors.store import load_vector
 
     saved, path = _tiny_checkpoint(tmp_path)
     bf16, quiet = Placement("cpu", "bfloat16"), (lambda message: None)
@@ -477,8 +478,8 @@ def test_jobs_run_in_bfloat16_and_store_float32_vectors(tmp_path):
 
 @pytest.mark.slow
 def test_gemma_trains_in_bfloat16_from_the_float32_fv(tmp_path):
-    from ffv_eval.vector_jobs import train_and_save
-    from ffv_eval.vector_store import load_vector
+    from ffv_eval.vectors.jobs import train_and_save
+    from ffv_eval.vectors.store import load_vector
 
     # the FV was made in float32; the bfloat16 model has the same fingerprint, so training starts from it
     out = train_and_save("gemma-3-270m", "antonym", out=str(tmp_path / "ffv.safetensors"), placement=Placement("cpu", "bfloat16"),
@@ -493,7 +494,8 @@ def test_gemma_trains_in_bfloat16_from_the_float32_fv(tmp_path):
 
 @pytest.mark.slow
 def test_gemma_quality_gate_passes_in_bfloat16_against_the_float32_baseline():
-    from ffv_eval.quality_gate import compare_with_baseline, load_baseline, measure_quality
+    from ffv_eval.reports.quality_baseline import compare_with_baseline, load_baseline
+    from ffv_eval.reports.quality_gate import measure_quality
 
     baseline = load_baseline(VECTORS_DIR / "gemma-3-270m" / "quality-baseline.json")
     measured = measure_quality("gemma-3-270m", [VECTORS_DIR / "gemma-3-270m" / "ffv" / "antonym.safetensors"],

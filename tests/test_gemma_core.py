@@ -9,12 +9,12 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from ffv_eval import function_vectors as fv
-from ffv_eval.vector_jobs import extract_and_save
-from ffv_eval.model_loading import model_fingerprint, resolve_pretrained
-from ffv_eval.patching import Patcher
-from ffv_eval.relations import load_relation
-from ffv_eval.vector_store import VectorFileError, load_vector, save_vector
+from ffv_eval.vectors import function_vectors as fv
+from ffv_eval.vectors.jobs import extract_and_save
+from ffv_eval.models.loading import model_fingerprint, resolve_pretrained
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.relations import load_relation
+from ffv_eval.vectors.store import VectorFileError, VectorNameError, load_vector, save_vector
 
 pytestmark = pytest.mark.slow
 SMALL = fv.ExtractionSettings(n_mean_prompts=8, n_effect_prompts=3, layer=6, top_k_choices=(1, 3), scale_choices=(1.0, 2.0))
@@ -22,7 +22,7 @@ SMALL = fv.ExtractionSettings(n_mean_prompts=8, n_effect_prompts=3, layer=6, top
 
 @pytest.fixture(scope="module")
 def lm():
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     return FFVPatchedLM(pretrained="gemma-3-270m", batch_size=16)
 
@@ -134,7 +134,41 @@ def test_without_a_vector_scores_equal_stock_hf(lm):
     assert lm.generate_until(_requests("generate_until", gen)) == hf.generate_until(_requests("generate_until", gen))
 
 
-def test_patched_lm_eval_run_records_the_vector(lm):
+def _reference_generations(gemma, inputs, layer=None, vector=None, max_new_tokens=8):
+    """Plain transformers reference for a relation task's generations: the `Q: x\nA:` prompts
+    left-padded in one batch, greedy, `vector` added to block `layer`'s output at the last prompt
+    position by a torch forward hook (the prefill pass only), each cut at its first newline as
+    lm-eval's until=["\n"] does."""
+    model, tok = gemma
+    side, tok.padding_side = tok.padding_side, "left"
+    batch = tok([f"Q: {word}\nA:" for word in inputs], return_tensors="pt", padding=True)
+    tok.padding_side = side
+
+    def add(module, args, output):
+        if output.shape[1] == batch.input_ids.shape[1]:  # prefill, not a cached decoding step
+            output = output.clone()
+            output[:, -1] += vector.to(output.dtype)
+        return output
+
+    handle = model.model.layers[layer].register_forward_hook(add) if vector is not None else None
+    try:
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return [text.split("\n")[0] for text in tok.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)]
+
+
+def _first_words_match(generation, target):
+    """The relation tasks' exact match, written out: the generation's first words equal the
+    target's, punctuation at word edges ignored."""
+    import string
+
+    words = lambda text, n: [w.strip(string.punctuation + "“”‘’«»") for w in text.split()[:n]]  # noqa: E731
+    return words(generation, len(target.split())) == words(target, len(target.split()))
+
+
+def test_patched_lm_eval_run_records_the_vector(lm, gemma):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -142,13 +176,21 @@ def test_patched_lm_eval_run_records_the_vector(lm):
 
     lm.set_vector("antonym")
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=["relation_antonym"], limit=8,
+        out = lm_eval.simple_evaluate(model=lm, tasks=["relation_antonym"], limit=8, log_samples=True,
                                       task_manager=TaskManager(include_path=str(TASKS_DIR)))
     finally:
         lm.set_vector(None)
     info = out["config"]["ffv_vector"]
     assert info["relation"] == "antonym" and info["patch_layer"] == info["layer"]
-    assert 0.0 <= out["results"]["relation_antonym"]["exact_match,none"] <= 1.0
+    # against plain transformers: greedy generation with the vector added by a torch forward hook
+    samples = sorted(out["samples"]["relation_antonym"], key=lambda s: s["doc_id"])
+    pairs = [(s["doc"]["input"], s["doc"]["output"]) for s in samples]
+    patched = _reference_generations(gemma, [a for a, _ in pairs], info["patch_layer"], load_vector(info["path"]).vector)
+    assert [s["filtered_resps"][0] for s in samples] == patched
+    hits = [_first_words_match(g, b) for g, (_, b) in zip(patched, pairs)]
+    assert out["results"]["relation_antonym"]["exact_match,none"] == pytest.approx(sum(hits) / len(hits))
+    plain = [_first_words_match(g, b) for g, (_, b) in zip(_reference_generations(gemma, [a for a, _ in pairs]), pairs)]
+    assert sum(hits) > sum(plain)  # the vector does the task the unpatched model does not
 
 
 # -- bad input: each names the problem before any weights are loaded ------------------------
@@ -169,13 +211,13 @@ def _vector_file(tmp_path, size=640, layer=6, fingerprint="0" * 16, values=None)
 
 
 def test_bad_vectors_fail_before_the_model_loads(tmp_path, no_weights):
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     with pytest.raises(VectorFileError, match="hidden size 576, the model has 640"):
         FFVPatchedLM(pretrained="gemma-3-270m", vector=_vector_file(tmp_path, size=576))
     with pytest.raises(VectorFileError, match="layer 18 out of range: the model has layers 0..17"):
         FFVPatchedLM(pretrained="gemma-3-270m", vector=_vector_file(tmp_path), layer=18)
-    with pytest.raises(VectorFileError, match="unknown vector name 'no-such-relation'"):
+    with pytest.raises(VectorNameError, match="unknown vector name 'no-such-relation'"):
         FFVPatchedLM(pretrained="gemma-3-270m", vector="no-such-relation")
     path = _vector_file(tmp_path)
     from safetensors.torch import save_file
@@ -192,7 +234,7 @@ def test_vector_for_another_model_is_refused(tmp_path, lm):
 
 
 def test_llama_type_model_extracts_and_refuses_gemma_vectors(tmp_path):
-    from ffv_eval.model_loading import load_model_and_tokenizer
+    from ffv_eval.models.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m")
     out = tmp_path / "smol.safetensors"
@@ -204,7 +246,7 @@ def test_llama_type_model_extracts_and_refuses_gemma_vectors(tmp_path):
     from ffv_eval import VECTORS_DIR
 
     gemma_vector = load_vector(VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors")
-    from ffv_eval.vector_store import check_compatible
+    from ffv_eval.vectors.store import check_compatible
 
     with pytest.raises(VectorFileError, match="hidden size 640, the model has 576"):
         check_compatible(gemma_vector, 576, 30, model_fingerprint(model), None)
@@ -248,14 +290,27 @@ def test_ffv_cli_bad_input_exits_with_a_named_error_and_writes_nothing(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_main_job_compares_zero_shot_patched_and_few_shot(tmp_path):
-    from ffv_eval.comparison import compare_conditions, format_table
+def test_main_job_compares_zero_shot_patched_and_few_shot(tmp_path, gemma):
+    from scipy.stats import sem
+
+    from ffv_eval.reports.comparison import compare_conditions, format_table
 
     out = tmp_path / "comparison.json"
     report = compare_conditions("gemma-3-270m", ["antonym"], limit=6, batch_size=8, num_fewshot=3, output=str(out))
     row = report["relations"]["antonym"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    for condition in ("zero_shot", "fv", "3_shot"):
-        assert 0.0 <= row[condition]["exact_match"] <= 1.0 and row[condition]["stderr"] >= 0.0
+    # each zero-shot condition against plain transformers on the same 6 test pairs (lm-eval's --limit)
+    pairs = [(p.input, p.output) for p in load_relation("antonym").test[:6]]
+    hits = {}
+    for condition in ("zero_shot", "fv", "ffv", "ffv-random"):
+        stored = load_vector(row["vectors"][condition]["path"]) if condition != "zero_shot" else None
+        layer, vector = (stored.metadata["layer"], stored.vector) if stored else (None, None)
+        generations = _reference_generations(gemma, [a for a, _ in pairs], layer, vector)
+        hits[condition] = [float(_first_words_match(g, b)) for g, (_, b) in zip(generations, pairs)]
+        assert row[condition]["exact_match"] == pytest.approx(sum(hits[condition]) / 6), condition
+        assert row[condition]["stderr"] == pytest.approx(sem(hits[condition])), condition
+    assert sum(hits["ffv"]) > sum(hits["zero_shot"])  # the shipped FFV does what the unpatched model does not
+    p = row["3_shot"]["exact_match"]
+    assert p * 6 == pytest.approx(round(p * 6)) and row["3_shot"]["stderr"] == pytest.approx((p * (1 - p) / 5) ** 0.5)
     assert row["vectors"]["fv"]["path"].endswith("fv/antonym.safetensors")
     assert "| antonym |" in format_table(report)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from ffv_eval import VECTORS_DIR
-from ffv_eval.decoding import decode_vector
-from ffv_eval.fine_tuning import DivergedTraining, TrainingSettings
-from ffv_eval.patching import Patcher
-from ffv_eval.relations import RelationDataError, load_relation
-from ffv_eval.vector_jobs import train_and_save
-from ffv_eval.vector_store import VectorFileError, load_vector
+from ffv_eval.vectors.decoding import decode_vector
+from ffv_eval.vectors.fine_tuning import DivergedTraining, TrainingSettings
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.relations import RelationDataError, load_relation
+from ffv_eval.vectors.jobs import train_and_save
+from ffv_eval.vectors.store import VectorFileError, VectorNameError, load_vector
 
 pytestmark = pytest.mark.slow
 QUICK = TrainingSettings(steps=8, batch_size=4)
@@ -32,13 +32,41 @@ def test_training_lowers_the_loss_and_is_bit_identical_when_repeated(tmp_path):
     assert meta["data"]["n_test"] >= 50 and meta["settings"]["n_pairs"] == 20
 
 
-def test_random_init_is_the_ablation(tmp_path):
+def test_random_init_is_the_ablation(tmp_path, gemma):
     out = tmp_path / "r.safetensors"
-    train_and_save("gemma-3-270m", "antonym", out=str(out), settings=TrainingSettings(steps=2, init="random"))
+    # a batch of all 20 training pairs: the first step's loss does not depend on the sampling order
+    train_and_save("gemma-3-270m", "antonym", out=str(out), settings=TrainingSettings(steps=2, batch_size=20, init="random"))
     meta = load_vector(out).metadata
     assert meta["kind"] == "ffv-random" and meta["init"] == "random"
     fv_norm = load_vector(VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors").vector.norm()
-    assert meta["metrics"]["first_loss"] > 0 and abs(load_vector(out).vector.norm() / fv_norm - 1) < 0.5
+    assert abs(load_vector(out).vector.norm() / fv_norm - 1) < 0.5
+    # the first loss, recomputed: the seeded random start (the FV's norm) added after block `layer` at
+    # each prompt's last token by a torch forward hook, cross-entropy of the answers' first tokens,
+    # plus the L2 term, its weight times (|v0| / |v0|)^2 = 1 at the start
+    model, tok = gemma
+    start = torch.randn(640, generator=torch.Generator().manual_seed(0))
+    start = start / start.norm() * fv_norm
+    pairs = load_relation("antonym").train[:20]
+    prompts = [f"Q: {p.input}\nA:" for p in pairs]
+    answers = [tok(f"{q} {p.output}").input_ids[len(tok(q).input_ids)] for q, p in zip(prompts, pairs)]
+    side, tok.padding_side = tok.padding_side, "right"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    tok.padding_side = side
+    last = batch.attention_mask.sum(1) - 1
+    rows = torch.arange(len(prompts))
+
+    def add(module, args, output):
+        output = output.clone()
+        output[rows, last] += start
+        return output
+
+    handle = model.model.layers[meta["layer"]].register_forward_hook(add)
+    try:
+        logits = model(**batch).logits[rows, last]
+    finally:
+        handle.remove()
+    expected = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(answers)).item() + meta["settings"]["l2"]
+    assert meta["metrics"]["first_loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def _pairs_file(tmp_path, pairs):
@@ -83,12 +111,12 @@ def test_decoding_finds_a_known_answer_token(gemma):
 
 
 def test_decode_shows_the_shipped_vectors_of_a_relation_side_by_side():
-    from ffv_eval.vector_jobs import decode_and_print
+    from ffv_eval.vectors.jobs import decode_and_print
 
     printed = []
     decodings = decode_and_print(["antonym"], "gemma-3-270m", k=20, print_=printed.append)
     assert list(decodings) == ["fv:antonym", "ffv:antonym", "ffv-random:antonym"]
     assert all(len(d.tokens) == 20 and d.n_hits == sum(d.hits) for d in decodings.values())
     assert "answer tokens" in printed[0] and "ffv:antonym" in printed[0]
-    with pytest.raises(VectorFileError, match="no shipped vector 'no-such'"):
+    with pytest.raises(VectorNameError, match="no shipped vector 'no-such'"):
         decode_and_print(["no-such"], "gemma-3-270m")

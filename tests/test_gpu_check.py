@@ -69,8 +69,8 @@ def test_the_loop_on_a_subset_of_heads_equals_the_full_loop_there_and_leaves_the
 
     import torch
 
-    from ffv_eval import function_vectors as fv
-    from ffv_eval.patching import Patcher
+    from ffv_eval.vectors import function_vectors as fv
+    from ffv_eval.models.patching import Patcher
     from tests.conftest import tiny_llama
 
     patcher = Patcher(tiny_llama())

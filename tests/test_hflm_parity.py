@@ -9,8 +9,8 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from ffv_eval.model_loading import resolve_pretrained
-from ffv_eval.vector_store import load_vector, save_vector
+from ffv_eval.models.loading import resolve_pretrained
+from ffv_eval.vectors.store import load_vector, save_vector
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,7 @@ def test_each_row_is_patched_at_its_own_position(tmp_path):
     """Right-padded batches mixing lengths, a shared one-token context, a multiple-choice analogy
     document (patched where D is predicted), and two requests whose rows HFLM would merge but
     whose patch positions differ: each equals the vector added to that request alone."""
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=4)
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_each_row_is_patched_at_its_own_position(tmp_path):
 def test_generation_adds_the_vector_once_at_the_last_prompt_token(tmp_path):
     """A marker vector (1e6 in one coordinate) shows where it was added: counted at the input of
     the next block over every forward pass of a multi-token generation of two left-padded prompts."""
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=2)
     layer, hidden = 8, lm.patcher.adapter.hidden_size
@@ -166,7 +166,7 @@ def test_generation_keeps_hflm_sampling_and_stopping(tmp_path):
     generations (same seed), with stop sequences, equal `--model hf`."""
     from lm_eval.models.huggingface import HFLM
 
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     contexts = ["Q: hot\nA:", "The capital of France is", "Q: tall\nA: short\n\nQ: up\nA:"]
     greedy, sampled = _gen(contexts, until=["\n", "."]), _gen(contexts, do_sample=True, temperature=0.9, max_gen_toks=8)
@@ -214,7 +214,7 @@ def test_the_response_cache_keeps_differently_patched_runs_apart(tmp_path):
     import lm_eval
 
     from ffv_eval import VECTORS_DIR
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=4)
     shipped = load_vector(VECTORS_DIR / "gemma-3-270m" / "ffv" / "antonym.safetensors")
@@ -248,7 +248,7 @@ def test_config_is_read_with_the_hub_arguments_before_the_weights(tmp_path, monk
     vector (before HFLM loads anything)."""
     from lm_eval.models.huggingface import HFLM
 
-    import ffv_eval.lm_model as lm_model
+    import ffv_eval.harness.model as lm_model
 
     seen = {}
     real = lm_model.text_config

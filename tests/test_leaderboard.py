@@ -16,10 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from ffv_eval import leaderboard
-from ffv_eval.leaderboard import LeaderboardError, build_leaderboard, condition_name, primary_metric
+from ffv_eval.reports import leaderboard_render
+from ffv_eval.reports.leaderboard_render import COMPOSITE_RELATION, format_markdown, vector_rows, write_csv, write_leaderboard
+from ffv_eval.reports.leaderboard_results import (PROJECT_DATA, LeaderboardError, build_leaderboard, condition_name,
+                                                  primary_metric)
+from ffv_eval.reports.leaderboard_runs import expand_tasks, plan_runs, plan_tasks, runs_to_do
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian names it chromium, Ubuntu chromium-browser; Google's build is google-chrome
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 MODEL, TASK = "gemma-3-270m", "relation_antonym"
 RUN_ARGS = ["--run", MODEL, "--tasks", TASK, "--conditions", "unpatched", "ffv", "2-shot",
                "--limit", "5"]
@@ -169,7 +173,7 @@ def test_different_task_versions_are_not_mixed(real_runs, tmp_path):
     board = build_leaderboard([tmp_path], allow_mixed_versions=True)
     assert board.task_versions(TASK) == ["1.0", "2.0"]
     assert any("mixed task versions" in note for note in board.notes)
-    assert "v1.0/2.0" in leaderboard.format_markdown(board)
+    assert "v1.0/2.0" in format_markdown(board)
 
 
 def test_newest_run_of_a_cell_wins_and_is_stated(real_runs, tmp_path):
@@ -184,7 +188,7 @@ def test_newest_run_of_a_cell_wins_and_is_stated(real_runs, tmp_path):
     board = build_leaderboard([tmp_path])
     assert board.by_cell()[(MODEL, "ffv", TASK)].value == 0.123
     assert len(board.notes) == 1 and "results_new.json" in board.notes[0] and "results_old.json" in board.notes[0]
-    markdown = leaderboard.format_markdown(board)
+    markdown = format_markdown(board)
     assert "## Notes" in markdown and "replaces the older" in markdown
     assert Path(old).exists() and new.exists()
 
@@ -257,10 +261,10 @@ def test_empty_or_missing_directory(tmp_path, capsys):
 
 def test_run_plan_refuses_what_cannot_run_before_running():
     with pytest.raises(LeaderboardError, match="sat_analogy"):
-        leaderboard.plan_runs([MODEL], ["sat_analogy"], ["ffv"])
+        plan_runs([MODEL], ["sat_analogy"], ["ffv"])
     with pytest.raises(LeaderboardError, match="no shipped vector for: .*no-such-model/ffv/antonym.safetensors"):
-        leaderboard.plan_runs(["no-such-model"], [TASK], ["unpatched", "ffv"])
-    runs = leaderboard.plan_runs([MODEL], leaderboard.expand_tasks(["relations"]), ["unpatched", "fv", "fv:antonym", "cfv"])
+        plan_runs(["no-such-model"], [TASK], ["unpatched", "ffv"])
+    runs = plan_runs([MODEL], expand_tasks(["relations"]), ["unpatched", "fv", "fv:antonym", "cfv"])
     assert len(runs[0].tasks) == 6 and runs[0].vector is None
     # one run patches each relation task with its own FV (vector=fv:*)
     assert runs[1].vector == "fv:*" and runs[1].tasks == runs[0].tasks and set(runs[1].labels) == {"fv"}
@@ -277,9 +281,8 @@ def _reuse_decision(real_runs, tmp_path, edit, limit=5, fingerprint=None) -> tup
     copy = _copy_edited(source, tmp_path / "results" / MODEL / source.name, edit)
     recorded = json.loads(source.read_text())["config"]["model_fingerprint"]
     lines: list[str] = []
-    todo = leaderboard.runs_to_do(leaderboard.plan_runs([MODEL], [TASK], ["ffv"]), leaderboard.plan_tasks([TASK]),
-                                  copy.parent.parent, limit, fingerprint_of=lambda model: fingerprint or recorded,
-                                  log=lines.append)
+    todo = runs_to_do(plan_runs([MODEL], [TASK], ["ffv"]), plan_tasks([TASK]), copy.parent.parent, limit,
+                      fingerprint_of=lambda model: fingerprint or recorded, log=lines.append)
     return todo, "\n".join(lines)
 
 
@@ -288,7 +291,7 @@ def _set_vector(**fields):
 
 
 def _shipped_ffv_sha256() -> str:
-    from ffv_eval.vector_store import shipped_path
+    from ffv_eval.vectors.store import shipped_path
 
     return hashlib.sha256(shipped_path(MODEL, "ffv", "antonym").read_bytes()).hexdigest()
 
@@ -330,22 +333,22 @@ def test_another_model_or_limit_is_rerun(real_runs, tmp_path):
 
 
 def test_no_model_is_loaded_when_there_is_nothing_to_compare(tmp_path):
-    runs = leaderboard.plan_runs([MODEL], [TASK], ["unpatched"])
-    todo = leaderboard.runs_to_do(runs, leaderboard.plan_tasks([TASK]), tmp_path / "none", None,
-                                  fingerprint_of=lambda model: pytest.fail("loaded a model"), log=lambda line: None)
+    runs = plan_runs([MODEL], [TASK], ["unpatched"])
+    todo = runs_to_do(runs, plan_tasks([TASK]), tmp_path / "none", None,
+                      fingerprint_of=lambda model: pytest.fail("loaded a model"), log=lambda line: None)
     assert todo == runs
 
 
 def test_task_plans_expand_groups_and_know_versions_and_data_sources(shared_data):
-    from ffv_eval.relations import HEADLINE_RELATIONS, RelationDataError
+    from ffv_eval.data.relations import HEADLINE_RELATIONS, RelationDataError
 
-    plans = leaderboard.plan_tasks(["relations", "todd_antonym", "relation_antonym", "hellaswag"], shared_data)
+    plans = plan_tasks(["relations", "todd_antonym", "relation_antonym", "hellaswag"], shared_data)
     assert [p.name for p in plans] == [f"relation_{r}" for r in HEADLINE_RELATIONS] + ["todd_antonym", "hellaswag"]
-    assert {(p.version, p.data_source) for p in plans[:6]} == {("1.0", leaderboard.PROJECT_DATA)}
+    assert {(p.version, p.data_source) for p in plans[:6]} == {("1.0", PROJECT_DATA)}
     assert (plans[6].version, plans[6].data_source) == ("1.0", f"data directory {shared_data}")
     assert (plans[7].version, plans[7].data_source) == (None, None)  # not ffv-eval's: never reused
     with pytest.raises(RelationDataError, match="no data directory given"):  # before any model loads
-        leaderboard.plan_tasks(["todd"])
+        plan_tasks(["todd"])
 
 
 def test_runs_of_different_data_sources_are_not_mixed(real_runs, tmp_path):
@@ -359,7 +362,7 @@ def test_runs_of_different_data_sources_are_not_mixed(real_runs, tmp_path):
     assert "data source project files in" in message and "data source data directory /todd-files in" in message
     board = build_leaderboard([tmp_path], allow_mixed_versions=True)
     assert any("mixed task data sources" in note for note in board.notes)
-    assert "| data directory /todd-files |" in leaderboard.format_markdown(board)
+    assert "| data directory /todd-files |" in format_markdown(board)
 
 
 # -- atomic writes --------------------------------------------------------------------------
@@ -368,7 +371,7 @@ def test_a_failing_writer_leaves_no_partial_file(real_runs, tmp_path, monkeypatc
     board = build_leaderboard([real_runs["dir"]])
     target = tmp_path / "board.csv"
     target.write_text("previous leaderboard\n")
-    real_row, calls = leaderboard.csv_row, []
+    real_row, calls = leaderboard_render.csv_row, []
 
     def fails_on_second_row(entry):
         calls.append(entry)
@@ -376,17 +379,15 @@ def test_a_failing_writer_leaves_no_partial_file(real_runs, tmp_path, monkeypatc
             raise OSError("disk full")
         return real_row(entry)
 
-    monkeypatch.setattr(leaderboard, "csv_row", fails_on_second_row)
+    monkeypatch.setattr(leaderboard_render, "csv_row", fails_on_second_row)
     with pytest.raises(OSError, match="disk full"):
-        leaderboard.write_csv(board, target)
+        write_csv(board, target)
     assert target.read_text() == "previous leaderboard\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["board.csv"]  # no temporary file left
 
-    import ffv_eval.leaderboard_html as page
-
-    monkeypatch.setattr(page, "render_html", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("plot failed")))
+    monkeypatch.setattr(leaderboard_render, "render_html", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("plot failed")))
     with pytest.raises(RuntimeError, match="plot failed"):
-        leaderboard.write_leaderboard(board, tmp_path / "b.md", tmp_path / "b.csv", tmp_path / "b.html")
+        write_leaderboard(board, tmp_path / "b.md", tmp_path / "b.csv", tmp_path / "b.html")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["board.csv"]  # rendered before anything is written
 
 
@@ -394,13 +395,14 @@ def test_a_failing_writer_leaves_no_partial_file(real_runs, tmp_path, monkeypatc
 
 def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={profile}", *args],
         capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium on PATH: chromium, chromium-browser or google-chrome "
+                                              "(apt-get install -y chromium)")
 def test_html_page_renders_table_and_plots_in_chromium(real_runs, tmp_path):
     html = real_runs["base"] / "board.html"
     text = html.read_text()
@@ -435,7 +437,7 @@ def test_html_page_renders_table_and_plots_in_chromium(real_runs, tmp_path):
 
 def test_alignment_and_vector_quality_tables(real_runs, tmp_path):
     from ffv_eval.cli import main
-    from ffv_eval.leaderboard_sections import SectionError, alignment_section
+    from ffv_eval.reports.leaderboard_sections import SectionError, alignment_section
 
     baseline = Path(__file__).resolve().parent.parent / "vectors" / MODEL / "quality-baseline.json"
     figures = json.loads(baseline.read_text())["vectors"]["ffv/antonym"]
@@ -467,4 +469,4 @@ def test_a_composite_run_names_its_relation_as_per_question(real_runs, tmp_path)
     _copy_edited(_file_of(real_runs["dir"], "ffv"), tmp_path / "results_cfv.json", as_cfv)
     board = build_leaderboard([tmp_path])
     assert [e.condition for e in board.entries] == ["cfv"]
-    assert leaderboard.vector_rows(board)[0][4] == leaderboard.COMPOSITE_RELATION
+    assert vector_rows(board)[0][4] == COMPOSITE_RELATION

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 import ffv_eval
-from ffv_eval.atomic_files import UnwritableOutput, check_writable
+from ffv_eval.files.atomic import UnwritableOutput, check_writable
 from ffv_eval.dependency_versions import DependencyVersionError, version_problems
-from ffv_eval.file_lock import CacheLockTimeout, cache_lock, owner_path
+from ffv_eval.files.lock import CacheLockTimeout, cache_lock, owner_path
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "gemma-3-270m"
@@ -112,8 +112,9 @@ def test_installed_jobs_refuse_the_package_and_default_to_the_working_directory(
         import json
         from pathlib import Path
         import ffv_eval
-        from ffv_eval import vector_jobs, quality_gate
-        from ffv_eval.locations import output_path
+        from ffv_eval.reports import quality_gate
+        from ffv_eval.vectors import jobs as vector_jobs
+        from ffv_eval.vectors.locations import output_path
 
         def no_model(*args, **kwargs):
             raise AssertionError("the model was loaded")
@@ -158,9 +159,9 @@ def _copy_vector(source: Path, target: Path) -> None:
 
 
 def test_names_resolve_in_the_working_directory_first(tmp_path, monkeypatch):
-    from ffv_eval.quality_gate import default_baseline_path, shipped_vector_paths
-    from ffv_eval.vector_jobs import extract_and_save, train_and_save
-    from ffv_eval.vector_store import find_vectors, shipped_path
+    from ffv_eval.reports.quality_gate import default_baseline_path, shipped_vector_paths
+    from ffv_eval.vectors.jobs import extract_and_save, train_and_save
+    from ffv_eval.vectors.store import find_vectors, shipped_path
 
     monkeypatch.chdir(tmp_path)
     shipped_fv = ffv_eval.VECTORS_DIR / MODEL / "fv" / "antonym.safetensors"
@@ -206,7 +207,7 @@ def test_unwritable_outputs_are_refused_with_the_option_to_use(tmp_path):
 _CONVERT = """
     import json, os, sys, time
     from pathlib import Path
-    from ffv_eval import model_loading
+    from ffv_eval.models import loading as model_loading
 
     cache = Path(os.environ["FFV_CACHE_DIR"])
     def slow_fake_conversion(model, target):  # stands in for the one-minute GGUF conversion
@@ -251,7 +252,7 @@ def test_two_processes_filling_a_fresh_model_cache_convert_once(tmp_path):
 
 _HOLD = """
     import sys, time
-    from ffv_eval.file_lock import cache_lock
+    from ffv_eval.files.lock import cache_lock
     with cache_lock(sys.argv[1], "holding it for a test"):
         print("held", flush=True)
         time.sleep(120)

@@ -5,10 +5,10 @@ import random
 
 import torch
 
-from ffv_eval import function_vectors as fv
-from ffv_eval.architectures import GemmaAdapter, UnsupportedArchitecture, adapter_for
-from ffv_eval.patching import Patcher
-from ffv_eval.relations import WordPair
+from ffv_eval.vectors import function_vectors as fv
+from ffv_eval.models.architectures import GemmaAdapter, UnsupportedArchitecture, adapter_for
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.relations import WordPair
 
 
 def test_vector_is_added_only_at_each_rows_position(tiny_model):
@@ -69,30 +69,39 @@ def test_cached_batched_indirect_effects_equal_the_straightforward_loop(tiny_mod
     assert (fast - slow).abs().max() < 1e-5 and (plain - slow).abs().max() < 1e-5
 
 
-def test_gemma_head_contributions_sum_to_the_normed_attention_output():
-    from tests.conftest import tiny_gemma3
-
-    model = tiny_gemma3()
-    adapter = adapter_for(model)
-    assert isinstance(adapter, GemmaAdapter)
-    mean = torch.randn(adapter.n_heads, adapter.head_dim)
-    for layer in range(adapter.n_layers):
-        per_head = adapter.head_contributions(layer, mean)
-        block = model.model.layers[layer]
-        with torch.no_grad():
-            expected = block.post_attention_layernorm(block.self_attn.o_proj(mean.flatten()))
-        assert torch.allclose(per_head.sum(0), expected, atol=1e-4)
-
-
-def test_llama_head_contributions_sum_to_o_proj_output():
-    from tests.conftest import tiny_llama
-
-    model = tiny_llama()
-    adapter = adapter_for(model)
-    mean = torch.randn(adapter.n_heads, adapter.head_dim)
+def test_head_contributions_equal_what_attention_adds_to_the_residual_stream(tiny_model):
+    """Against plain torch hooks on a real forward pass: the heads' outputs (o_proj's input) at a
+    position, mapped by head_contributions and summed, are what the attention sub-block added to
+    the residual there (the pre-MLP norm's input minus the block's input); each head's share is
+    o_proj applied to that head's slice alone, scaled as the block's post-attention norm (if any)
+    scales the whole."""
+    adapter = adapter_for(tiny_model)
+    first = tiny_model.model.layers[0]  # the norm in front of the MLP: Gemma's own, else Llama's post-attention one
+    mlp_norm = "pre_feedforward_layernorm" if hasattr(first, "pre_feedforward_layernorm") else "post_attention_layernorm"
+    assert isinstance(adapter, GemmaAdapter) == (mlp_norm == "pre_feedforward_layernorm")
+    ids = torch.randint(1, 120, (2, 6))
+    seen, hooks = {}, []
+    for layer, block in enumerate(tiny_model.model.layers):
+        hooks += [
+            block.register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__(("in", layer), args[0])),
+            block.self_attn.o_proj.register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__(("heads", layer), args[0])),
+            getattr(block, mlp_norm).register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__(("mid", layer), args[0])),
+        ]
     with torch.no_grad():
-        expected = model.model.layers[2].self_attn.o_proj(mean.flatten())
-    assert torch.allclose(adapter.head_contributions(2, mean).sum(0), expected, atol=1e-5)
+        tiny_model(ids)
+    for h in hooks:
+        h.remove()
+    for layer in range(adapter.n_layers):
+        o_proj = tiny_model.model.layers[layer].self_attn.o_proj
+        for row, pos in ((0, 5), (1, 2)):
+            heads = seen["heads", layer][row, pos]
+            added = seen["mid", layer][row, pos] - seen["in", layer][row, pos]
+            per_head = adapter.head_contributions(layer, heads.view(adapter.n_heads, adapter.head_dim))
+            assert torch.allclose(per_head.sum(0), added, atol=1e-5), (layer, (per_head.sum(0) - added).abs().max())
+            with torch.no_grad():
+                alone = torch.stack([o_proj(heads * (torch.arange(heads.numel()) // adapter.head_dim == h)) for h in range(adapter.n_heads)])
+                whole = o_proj(heads)
+            assert torch.allclose(per_head * whole, alone * added, atol=1e-5)
 
 
 def test_unknown_architecture_is_named():
@@ -110,7 +119,7 @@ def test_unknown_architecture_is_named():
 
 def test_shuffled_labels_break_the_relation():
     demos = [WordPair(f"w{i}", f"o{i}") for i in range(10)]
-    from ffv_eval.prompts import shuffled_label_demos
+    from ffv_eval.data.prompts import shuffled_label_demos
 
     shuffled = shuffled_label_demos(demos, random.Random(0))
     assert [p.input for p in shuffled] == [p.input for p in demos]

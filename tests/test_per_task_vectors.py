@@ -13,8 +13,8 @@ def test_per_task_vectors_equal_one_run_per_vector():
     from lm_eval.tasks import TaskManager
 
     from ffv_eval import TASKS_DIR
-    from ffv_eval.lm_model import FFVPatchedLM
-    from ffv_eval.vector_store import VectorFileError
+    from ffv_eval.harness.model import FFVPatchedLM, VectorTaskMismatch
+    from ffv_eval.vectors.store import VectorNameError
 
     tasks = ["relation_antonym", "relation_english-french"]
     lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="ffv:*", batch_size=8)
@@ -37,7 +37,7 @@ def test_per_task_vectors_equal_one_run_per_vector():
         assert alone["results"][task]["exact_match,none"] == together["results"][task]["exact_match,none"]
     lm.set_vector(None)
     lm.per_task_kind = "ffv"
-    with pytest.raises(VectorFileError, match="u2_analogy is not one"):
+    with pytest.raises(VectorTaskMismatch, match="u2_analogy is not one"):
         lm._per_task([type("R", (), {"task_name": "u2_analogy"})()], lambda group: group)
-    with pytest.raises(VectorFileError, match="unknown kind 'nope'"):
+    with pytest.raises(VectorNameError, match="unknown kind 'nope'"):
         FFVPatchedLM(pretrained="gemma-3-270m", vector="nope:*")

@@ -74,7 +74,7 @@ def test_registry_import_registers_model_lazily(tmp_path):
         import sys, json
         import lm_eval.api.registry as registry
         listed = "ffv-patched" in registry.model_registry
-        lazy = "ffv_eval.lm_model" not in sys.modules and "torch" not in sys.modules
+        lazy = "ffv_eval.harness.model" not in sys.modules and "torch" not in sys.modules
         finder_gone = not any(type(f).__module__ == "_ffv_eval_autoload" for f in sys.meta_path)
         from lm_eval.api.model import LM
         ours = registry.get_model("ffv-patched")
@@ -89,8 +89,8 @@ def test_registry_import_registers_model_lazily(tmp_path):
         tmp_path,
     )
     assert out["listed"]
-    assert out["lazy"], "registering ffv-patched must not import ffv_eval.lm_model / torch"
-    assert out["ours"] == "ffv_eval.lm_model:FFVPatchedLM" and out["ours_is_lm"]
+    assert out["lazy"], "registering ffv-patched must not import ffv_eval.harness.model / torch"
+    assert out["ours"] == "ffv_eval.harness.model:FFVPatchedLM" and out["ours_is_lm"]
     assert out["hf"] == "HFLM" and out["dummy"] == "DummyLM"
     assert out["builtins"] > 30  # lm-eval's own models are all still registered
 
@@ -229,7 +229,7 @@ def test_register_is_idempotent_after_the_hook(tmp_path, module):
         f"""
         import json
         import {module}
-        from ffv_eval.lm_eval_plugin import register
+        from ffv_eval.harness.plugin import register
         register(); register()
         from lm_eval.tasks import TaskManager
         import lm_eval.api.registry as registry

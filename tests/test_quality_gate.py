@@ -7,10 +7,11 @@ import os
 import pytest
 
 from ffv_eval import VECTORS_DIR
-from ffv_eval.quality_gate import (
+from ffv_eval.reports.quality_baseline import (
     BASELINE_FORMAT, Baseline, BaselineError, Tolerances, baseline_document, baseline_from_document,
-    compare_with_baseline, decode_vector_text, encode_vector, load_baseline, merged_baseline, movement, write_baseline,
+    compare_with_baseline, load_baseline, merged_baseline, movement, write_baseline,
 )
+from ffv_eval.vectors.codec import decode_vector_text, encode_vector
 
 FINGERPRINT = json.loads((VECTORS_DIR / "gemma-3-270m" / "quality-baseline.json").read_text())["model_fingerprint"]
 SPLIT = "project word pairs: test split"
@@ -160,7 +161,7 @@ def damaged_copy(tmp_path):
     """The shipped FFV for antonym replaced by noise of the same norm, same metadata."""
     import torch
 
-    from ffv_eval.vector_store import load_vector, save_vector
+    from ffv_eval.vectors.store import load_vector, save_vector
 
     stored = load_vector(SHIPPED_FFV)
     noise = torch.randn(stored.vector.shape, generator=torch.Generator().manual_seed(0))
@@ -170,7 +171,7 @@ def damaged_copy(tmp_path):
 @pytest.mark.slow
 def test_the_gate_on_gemma_passes_shipped_vectors_and_fails_a_damaged_one(gemma, tmp_path, capsys):
     from ffv_eval.cli import main
-    from ffv_eval.quality_gate import default_baseline_path, measure_quality
+    from ffv_eval.reports.quality_gate import default_baseline_path, measure_quality
 
     shipped_baseline = load_baseline(default_baseline_path("gemma-3-270m"))
     shipped_fv = VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors"

@@ -59,7 +59,7 @@ def test_device_map_placement_with_disk_offload_scores_like_one_device(tmp_path)
     """parallelize=True places the model with accelerate's device_map="auto" under a memory bound:
     here the later blocks (including the patched one) are offloaded to disk, and the patched
     log-likelihoods and generations equal the model on one device."""
-    from ffv_eval.lm_model import FFVPatchedLM
+    from ffv_eval.harness.model import FFVPatchedLM
 
     ll, gen = _requests()
     args = dict(pretrained="gemma-3-270m", vector="antonym", layer=12, batch_size=4)

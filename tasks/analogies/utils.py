@@ -1,5 +1,5 @@
 # Hooks for the analogy task YAMLs (lm-eval resolves `!function utils.<name>` here).
-from ffv_eval.analogy_data import (  # noqa: F401
+from ffv_eval.data.analogies import (  # noqa: F401
     analogy_completion_dataset,
     analogy_questions_dataset,
     one_shot_choices,

@@ -1,2 +1,2 @@
 # Hooks for the todd task YAMLs (lm-eval resolves `!function utils.<name>` here).
-from ffv_eval.task_data import todd_dataset  # noqa: F401
+from ffv_eval.data.task_data import todd_dataset  # noqa: F401

@@ -1,0 +1,1 @@
+"""Files, safely: atomic writes, locks, content hashes, JSON lines."""

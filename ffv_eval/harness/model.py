@@ -1,0 +1,465 @@
+"""The lm-eval model type `ffv-patched`: Hugging Face causal LMs (HFLM) with a function vector
+added to the residual stream at the last context token of every request, through nnsight.
+
+model_args: pretrained= (an embedded alias such as gemma-3-270m, a hub id or a local path),
+vector= (a shipped name such as antonym / fv:antonym, a .safetensors file, `ffv:*` / `fv:*`: each
+relation_<name> task with that relation's own shipped vector, or `cfv`: a composite vector built
+per question from its source pair A:B), basis= (for cfv: the basis directory,
+default $FFV_CACHE_DIR/basis/<model>), layer= (default: the vector's own), scale= (default 1).
+Every HFLM argument works as in `--model hf` (device, dtype, parallelize, batch_size=auto,
+softmax_dtype, mixed_precision_dtype, logits_cache, revision, trust_remote_code, ...).
+
+HFLM stays in charge: its own log-likelihood loop (batching, batch-size detection, the
+one-token-continuation logits cache, softmax dtype), rolling log-likelihood and generation run
+unchanged, and the vector enters through the two calls they make into the model:
+
+- `_model_call` (log-likelihood): before HFLM's loop runs, each request's padded row of tokens
+  and its patch position are planned; each row HFLM passes in is looked up and patched at its
+  own position. With a vector only the positions HFLM reads are unembedded (`logits_to_keep`);
+  without one HFLM's own call runs, so the scores equal `--model hf` bit for bit.
+- `_model_generate`: HFLM's own generation (autocast, stopping criteria, sampling), with the
+  vector added once, at the last prompt token of the prefill step.
+
+Where the vector goes: at the last context token, except in multiple-choice analogy documents
+(choices [[C, D], ...]): there it goes where D's first token is predicted, inside the
+continuation `Q: C\nA: D`.
+
+With `--use_cache`, lm-eval's CachingLM keys responses on the request text only; a patched run
+keeps its responses in its own table of the cache file, named after everything that decides
+them (model, vector contents, kind, layer, scale, CFV map and basis), so patched, unpatched and
+differently patched runs never reuse each other's answers."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from ffv_eval.errors import FFVError, TokenizationError
+from ffv_eval import DEFAULT_MODEL
+from ffv_eval.files.hashes import vector_sha256
+from ffv_eval.models.architectures import UnsupportedArchitecture
+from ffv_eval.models.loading import default_device, model_fingerprint, resolve_pretrained, text_config
+from ffv_eval.models.patching import Patcher, last_prompt_positions
+from ffv_eval.progress import show_progress
+from ffv_eval.vectors.function_vectors import without_right_padding
+from ffv_eval.vectors.store import KINDS, StoredVector, VectorNameError, check_compatible, find_vectors
+
+COMPOSITE = "cfv"
+PER_TASK = ":*"  # vector=ffv:* -> each relation_<name> task with its own shipped ffv
+CONFIG_ARGS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "token")  # how HFLM finds the config
+HFLM_PAD_ID = 0  # HFLM pads its log-likelihood rows on the right with token 0
+
+
+class VectorTaskMismatch(FFVError, ValueError):
+    """The vector= of ffv-patched cannot patch a task's requests: cfv on documents without a
+    source pair or on rolling log-likelihoods, <kind>:* on a task that is not relation_<name>."""
+
+
+@dataclass
+class RowPlan:
+    """How to run one padded row of HFLM's log-likelihood batches: the vector (None: unpatched)
+    and the row position it is added at; the shortest row length and the longest continuation
+    among the requests that share the row (they bound the positions HFLM reads)."""
+
+    vector: torch.Tensor | None
+    position: int
+    length: int
+    continuation: int
+
+    @property
+    def identity(self):
+        return None if self.vector is None else (id(self.vector), self.position)
+
+
+@register_model("ffv-patched")
+class FFVPatchedLM(HFLM):
+    def __init__(self, pretrained=DEFAULT_MODEL, vector=None, layer=None, scale=1.0, basis=None, **kwargs):
+        # Everything about the vector is checked before the weights are loaded.
+        vector = None if vector in (None, "", "none") else str(vector)
+        if vector is not None and vector.endswith(PER_TASK) and vector[: -len(PER_TASK)] not in KINDS:
+            raise VectorNameError(f"vector={vector}: unknown kind '{vector[: -len(PER_TASK)]}' (known: {', '.join(KINDS)})")
+        candidates = find_vectors(vector) if vector not in (None, COMPOSITE) and not vector.endswith(PER_TASK) else []
+        if candidates:
+            if isinstance(pretrained, str):
+                config = text_config(pretrained, **{k: kwargs[k] for k in CONFIG_ARGS if kwargs.get(k) not in (None, "")})
+            else:  # an already loaded transformers model
+                config = pretrained.config.get_text_config() if hasattr(pretrained.config, "get_text_config") else pretrained.config
+            fits = [c for c in candidates if c.metadata["hidden_size"] == config.hidden_size]
+            check_compatible(fits[0] if fits else candidates[0], config.hidden_size, config.num_hidden_layers, None,
+                             None if layer is None else int(layer))
+        self.model_alias = str(pretrained) if isinstance(pretrained, str) else getattr(pretrained, "name_or_path", "model")
+        if kwargs.get("device") in (None, ""):
+            kwargs["device"] = default_device()  # HFLM would default to cuda
+        super().__init__(pretrained=resolve_pretrained(pretrained) if isinstance(pretrained, str) else pretrained, **kwargs)
+        self._split_across_cpu_processes()
+        self.patcher = Patcher(self.model)
+        self.fingerprint = model_fingerprint(self.model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.stored_vector: StoredVector | None = None
+        self.composite = None
+        self.patch_layer: int | None = None
+        self.patch_vector: torch.Tensor | None = None
+        self._pending: list | None = None  # (vector, answer word) per request of the next _loglikelihood_tokens
+        self._rows: dict[tuple, RowPlan] | None = None  # the rows of the HFLM loop now running
+        self._cache_table: str | None = None  # lm-eval's own table in a --use_cache file
+        self.per_task_kind: str | None = None
+        self.per_task_vectors: dict[str, dict] = {}
+        self.patch_scale = float(scale)
+        if vector == COMPOSITE:
+            self.set_composite(basis, scale)
+        elif vector is not None and vector.endswith(PER_TASK):
+            self.per_task_kind = vector[: -len(PER_TASK)]
+        elif candidates:
+            self.set_vector(candidates, layer, scale)
+
+    def _split_across_cpu_processes(self) -> None:
+        """Under `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` on CPUs,
+        HFLM keeps the accelerator but counts only GPUs when it splits the work, so every process
+        would score everything. Each process takes its rank, so lm-eval splits the requests and
+        gathers the results."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1 and accelerator.device.type == "cpu":
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+
+    # -- the vector --------------------------------------------------------------------------
+    def set_vector(self, vector, layer=None, scale=1.0) -> None:
+        """Use `vector` (a spec string, a StoredVector or a list of candidates) from now on;
+        None removes it."""
+        self.per_task_kind = None
+        self._use_vector(vector, layer, scale)
+        self._separate_cache()
+
+    def _use_vector(self, vector, layer=None, scale=1.0) -> None:
+        self.composite = None
+        if vector is None:
+            self.stored_vector = self.patch_layer = self.patch_vector = None
+            return
+        candidates = find_vectors(vector) if isinstance(vector, str) else (vector if isinstance(vector, list) else [vector])
+        mine = [c for c in candidates if c.metadata["model_fingerprint"] == self.fingerprint]
+        stored = mine[0] if mine else candidates[0]
+        a = self.patcher.adapter
+        self.patch_layer = check_compatible(stored, a.hidden_size, a.n_layers, self.fingerprint, None if layer is None else int(layer))
+        self.stored_vector = stored
+        # Kept in float32 on the model's input device; Patcher casts it to the dtype of the
+        # hidden state it is added to, on that state's device.
+        self.patch_vector = stored.vector.to(self.device, torch.float32) * float(scale)
+        self.patch_scale = float(scale)
+        show_progress(f"[ffv] patching {stored.path} ({stored.metadata['kind']}, {stored.metadata['relation']}) "
+                      f"after block {self.patch_layer} x{self.patch_scale:g}")
+
+    def set_composite(self, basis=None, scale=1.0) -> None:
+        """Use composite vectors from the fitted map in `basis` (default: the model's basis
+        directory): each request's own CFV, built from its document's source pair A:B."""
+        from ffv_eval.vectors.basis import default_basis_dir
+        from ffv_eval.vectors.composite import CompositeVectors, load_composite_map
+
+        directory = Path(basis) if basis else default_basis_dir(self.model_alias)
+        cmap = load_composite_map(directory, self.fingerprint)
+        self.stored_vector = self.patch_vector = None
+        self.per_task_kind = None
+        self.composite = CompositeVectors(self.patcher, self.tokenizer, cmap)
+        self.patch_layer = cmap.basis.layer
+        self.patch_scale = float(scale)
+        self._separate_cache()
+        show_progress(f"[ffv] patching composite vectors from {directory} ({len(cmap.basis.names)} basis relations) "
+                      f"after block {self.patch_layer} x{self.patch_scale:g}")
+
+    def get_model_info(self) -> dict:
+        info = {
+            "model_num_parameters": sum(p.numel() for p in self._model.parameters()),
+            "model_dtype": str(self._model.dtype),
+            "model_fingerprint": self.fingerprint,
+            "ffv_model": self.model_alias,
+        }
+        if self.stored_vector is not None:
+            meta = self.stored_vector.metadata
+            info["ffv_vector"] = {
+                "path": str(self.stored_vector.path),
+                "sha256": vector_sha256(self.stored_vector.path),
+                "patch_layer": self.patch_layer,
+                "patch_scale": self.patch_scale,
+                **{k: meta[k] for k in ("kind", "relation", "model", "model_fingerprint", "layer", "scale", "heads", "data", "seed", "metrics") if k in meta},
+            }
+        elif self.composite is not None:
+            meta = self.composite.cmap.metadata
+            info["ffv_vector"] = {
+                "kind": COMPOSITE,
+                "path": str(self.composite.cmap.basis.directory),
+                "sha256": vector_sha256(self.composite.cmap.basis.directory),
+                "relation": None,
+                "composition": "per question, from its source pair",
+                "patch_layer": self.patch_layer,
+                "patch_scale": self.patch_scale,
+                "layer": self.patch_layer,
+                "n_basis": len(self.composite.cmap.basis.names),
+                **{k: meta[k] for k in ("model", "model_fingerprint", "temperature", "settings", "metrics") if k in meta},
+            }
+        elif self.per_task_kind is not None:
+            info["ffv_vector"] = {"kind": self.per_task_kind, "relation": None, "per_task": self.per_task_vectors,
+                                  "path": f"vectors/<model>/{self.per_task_kind}/<relation>.safetensors", "patch_scale": self.patch_scale}
+        else:
+            info["ffv_vector"] = None
+        return info
+
+    # -- lm-eval's response cache (--use_cache) ---------------------------------------------
+    def set_cache_hook(self, cache_hook) -> None:
+        """lm-eval's CachingLM hands every model a hook whose `dbdict` is the very SqliteDict it
+        looks responses up in, keyed on the request text alone. A patched run moves that dict
+        to its own table (see `_separate_cache`)."""
+        super().set_cache_hook(cache_hook)
+        self._cache_table = getattr(getattr(cache_hook, "dbdict", None), "tablename", None)
+        self._separate_cache()
+
+    def _separate_cache(self) -> None:
+        """Point the response cache (if any) at the table of the current vector: lm-eval's own
+        table unpatched (the same responses as `--model hf`), else one named after
+        `_vector_identity`. `<kind>:*` runs are not reused: two relation tasks may ask the same
+        question, and the cache could not tell their vectors apart; their table is emptied."""
+        db = getattr(self.cache_hook, "dbdict", None)
+        if db is None or self._cache_table is None:
+            return
+        identity = self._vector_identity()
+        table = self._cache_table if identity is None else "ffv-patched " + hashlib.sha256(identity.encode()).hexdigest()[:24]
+        if db.tablename != table:
+            from sqlitedict import SqliteDict
+
+            SqliteDict(db.filename, tablename=table, autocommit=True).close()  # creates the table
+            db.tablename = table
+        if self.per_task_kind is not None:
+            db.clear()
+
+    def _vector_identity(self) -> str | None:
+        """Everything besides the request that decides a response; None when unpatched."""
+        if self.per_task_kind is not None:
+            return f"{self.fingerprint} per-task {self.per_task_kind}:* x{self.patch_scale!r}"
+        if self.stored_vector is not None:
+            meta = self.stored_vector.metadata
+            return (f"{self.fingerprint} {meta['kind']}:{meta['relation']} layer {self.patch_layer} x{self.patch_scale!r} "
+                    f"{_digest(self.stored_vector.vector)}")
+        if self.composite is not None:
+            cmap = self.composite.cmap
+            return (f"{self.fingerprint} cfv layer {self.patch_layer} x{self.patch_scale!r} T {cmap.temperature!r} "
+                    f"{' '.join(cmap.basis.names)} {_digest(cmap.weight, cmap.bias, cmap.basis.vectors)}")
+        return None
+
+    # -- per-request plans: which vector, and where -----------------------------------------
+    def _request_plan(self, instance, vector: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
+        """(vector, answer word): the answer word is D of a multiple-choice analogy document,
+        else None (patch at the last context token)."""
+        doc, answer = instance.doc if isinstance(instance.doc, dict) else {}, None
+        choices = doc.get("choices")
+        if isinstance(choices, list) and choices and all(isinstance(c, (list, tuple)) and len(c) == 2 for c in choices):
+            answer = str(choices[instance.idx][1])
+        return vector, answer
+
+    def _composite_vectors(self, requests) -> list[torch.Tensor]:
+        """The CFV of each request, from its document's source pair (a, b): one tensor per pair."""
+        stems, where = [], {}
+        for r in requests:
+            doc = r.doc if isinstance(r.doc, dict) else {}
+            if not all(isinstance(doc.get(k), str) for k in ("a", "b")):
+                raise VectorTaskMismatch(f"vector=cfv: task {r.task_name}, document {r.doc_id} has no source pair "
+                                         f"(fields 'a' and 'b'); composite vectors need analogy tasks")
+            stems.append((doc["a"], doc["b"]))
+            where.setdefault(stems[-1], f"task {r.task_name}, document {r.doc_id}")
+        self.composite.prepare(stems, where)
+        vectors = {stem: self.composite.vector(*stem) * self.patch_scale for stem in where}
+        return [vectors[stem] for stem in stems]
+
+    def _per_task(self, requests, run) -> list:
+        """vector=<kind>:*: each relation_<name> task's requests with that relation's own vector."""
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.task_name, []).append(i)
+        for task in groups:
+            if not str(task).startswith("relation_"):
+                raise VectorTaskMismatch(f"vector={self.per_task_kind}:* patches each relation_<name> task with that "
+                                         f"relation's {self.per_task_kind}; task {task} is not one")
+        results: list = [None] * len(requests)
+        try:
+            for task, indices in groups.items():
+                self._use_vector(f"{self.per_task_kind}:{task.removeprefix('relation_')}", None, self.patch_scale)
+                self.per_task_vectors[task] = {"path": str(self.stored_vector.path), "layer": self.patch_layer,
+                                               "sha256": vector_sha256(self.stored_vector.path)}
+                for i, result in zip(indices, run([requests[i] for i in indices])):
+                    results[i] = result
+        finally:
+            self.stored_vector = self.patch_vector = self.patch_layer = None
+        return results
+
+    # -- the three request types: HFLM's own, with the vector planned per request ------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        if self.per_task_kind:
+            return self._per_task(requests, lambda group: self._loglikelihood_planned(group, disable_tqdm))
+        return self._loglikelihood_planned(requests, disable_tqdm)
+
+    def _loglikelihood_planned(self, requests, disable_tqdm: bool = False):
+        vectors = self._composite_vectors(requests) if self.composite is not None else [self.patch_vector] * len(requests)
+        # HFLM's loglikelihood encodes the requests in order and hands them, in that order, to
+        # _loglikelihood_tokens, which picks these plans up.
+        self._pending = [self._request_plan(r, v) for r, v in zip(requests, vectors)]
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._pending = None
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        """HFLM's rolling windows; a fixed vector is added at each window's last context token."""
+        if self.composite is not None:
+            raise VectorTaskMismatch("vector=cfv builds each question's vector from its document's source pair; "
+                                     "loglikelihood_rolling tasks (perplexity) have none: use a fixed vector")
+        if self.per_task_kind:
+            rolling = super().loglikelihood_rolling
+            return self._per_task(requests, lambda group: rolling(group, disable_tqdm=disable_tqdm))
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        if self.per_task_kind:
+            generate = super().generate_until
+            return self._per_task(requests, lambda group: generate(group, disable_tqdm=disable_tqdm))
+        if self.composite is None:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        # One CFV per source pair: generate each pair's requests with its own vector.
+        vectors = self._composite_vectors(requests)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.doc["a"], r.doc["b"]), []).append(i)
+        results: list = [None] * len(requests)
+        batch_size = self.batch_size_per_gpu
+        try:
+            if batch_size == "auto":  # detected once for the run, not once per source pair
+                self.batch_size_per_gpu = self._detect_batch_size()
+            for indices in tqdm(groups.values(), disable=disable_tqdm or self.rank != 0, desc="Generating with composite vectors"):
+                self.patch_vector = vectors[indices[0]]
+                for i, text in zip(indices, super().generate_until([requests[i] for i in indices], disable_tqdm=True)):
+                    results[i] = text
+        finally:
+            self.patch_vector = None
+            self.batch_size_per_gpu = batch_size
+        return results
+
+    # -- log-likelihood: HFLM's loop; each row patched at its own position ------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        pending, self._pending = self._pending, None
+        if pending is None:  # rolling windows, or a direct call: the fixed vector at the last context token
+            if self.composite is not None:
+                raise VectorTaskMismatch("vector=cfv needs each request's document (its source pair); call loglikelihood")
+            pending = [(self.patch_vector, None)] * len(requests)
+        if len(pending) != len(requests):
+            raise RuntimeError(f"ffv-patched: {len(pending)} request plans for {len(requests)} requests")
+        if all(vector is None for vector, _ in pending):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        if self.backend != "causal":
+            raise UnsupportedArchitecture("ffv-patched supports causal (decoder-only) models")
+        results: list = [None] * len(requests)
+        try:
+            for rows, indices in self._plan_rows(requests, pending):
+                self._rows = rows
+                scores = super()._loglikelihood_tokens([requests[i] for i in indices], disable_tqdm=disable_tqdm,
+                                                       override_bs=override_bs)
+                for i, score in zip(indices, scores):
+                    results[i] = score
+        finally:
+            self._rows = None
+        return results
+
+    def _plan_rows(self, requests, pending) -> list[tuple[dict[tuple, RowPlan], list[int]]]:
+        """The row HFLM will build for each request ((context + continuation) truncated to
+        max_length, without its last token), keyed by its tokens without trailing zeros (HFLM pads
+        right with zeros), and its plan. Requests whose rows look alike but must be patched
+        differently (HFLM would run them as one row: its one-token-continuation cache, or the
+        same tokens split differently into context and continuation) go to later rounds, each
+        run through HFLM's loop on its own; usually there is one round."""
+        rounds: list[tuple[dict[tuple, RowPlan], list[int]]] = []
+        for i, ((request_str, context, continuation), (vector, answer)) in enumerate(zip(requests, pending)):
+            row = (context + continuation)[-(self.max_length + 1):][:-1]
+            position = len(row) - len(continuation)  # the last context token
+            if answer is not None and vector is not None:
+                position += self._answer_offset(request_str, context, continuation, answer)
+            plan = RowPlan(vector, position, len(row), len(continuation))
+            key = without_right_padding(row, HFLM_PAD_ID)
+            for rows, indices in rounds:
+                if key not in rows or rows[key].identity == plan.identity:
+                    break
+            else:
+                rows, indices = {}, []
+                rounds.append((rows, indices))
+            if key in rows:
+                known = rows[key]
+                plan.length, plan.continuation = min(known.length, plan.length), max(known.continuation, plan.continuation)
+            rows[key] = plan
+            indices.append(i)
+        return rounds
+
+    def _answer_offset(self, request_str, context_tokens, continuation_tokens, answer: str) -> int:
+        """Index, within the continuation, of the position that predicts the answer word's first
+        token (the continuation ends with the answer, e.g. `Q: C\nA: D`)."""
+        context, continuation = request_str
+        text = continuation.rstrip()
+        if not text.endswith(answer):
+            raise TokenizationError(f"continuation {continuation!r} does not end with the answer {answer!r}")
+        before = self.tok_encode(context + text[: len(text) - len(answer)].rstrip())
+        whole = list(context_tokens) + list(continuation_tokens)
+        offset = len(before) - len(context_tokens)
+        if before != whole[: len(before)] or not 0 <= offset < len(continuation_tokens):
+            raise TokenizationError(f"cannot locate the answer {answer!r} in the tokens of {continuation!r}")
+        return offset
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        """HFLM's forward for a right-padded batch of rows; with a vector, each row patched at its
+        planned position, and logits returned for the last positions only, as many as HFLM reads
+        (it locates the continuation from the end of the returned logits)."""
+        rows = self._rows
+        if rows is None or attn_mask is not None or labels is not None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        plans = [rows.get(without_right_padding(row, HFLM_PAD_ID)) for row in inps.tolist()]
+        if all(plan is None for plan in plans):  # HFLM's batch-size probe (batch_size=auto)
+            return super()._model_call(inps)
+        if any(plan is None for plan in plans):
+            raise RuntimeError("ffv-patched: HFLM built a log-likelihood row that was not planned")
+        width = inps.shape[1]
+        keep = min(width, max(width - plan.length + plan.continuation for plan in plans))
+        # float32 on the input device; Patcher casts to the hidden state's dtype where it adds.
+        vectors = torch.stack([
+            torch.zeros(self.patcher.adapter.hidden_size, device=inps.device) if plan.vector is None
+            else plan.vector.to(inps.device, torch.float32) for plan in plans
+        ])
+        positions = torch.tensor([plan.position for plan in plans], dtype=torch.long, device=inps.device)
+
+        def forward(ids):
+            if self._keeps_logits:
+                # Positions as a tensor: transformers then gathers a contiguous copy of the hidden
+                # states; an int slices a strided view, which torch 2.13's CPU matmul with frozen
+                # weights takes a path up to 10x slower on (same logits either way).
+                return self.model(ids, logits_to_keep=torch.arange(width - keep, width, device=ids.device)).logits
+            return self.model(ids).logits[:, width - keep:]
+
+        mixed = self.mixed_precision_dtype
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None):  # as HFLM
+            return self.patcher.call_with_vector(forward, inps, layer=self.patch_layer, vector=vectors, positions=positions)
+
+    # -- generation: HFLM's own, patched at the last prompt token of the prefill step --------
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if self.patch_vector is None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        generate = super()._model_generate
+        return self.patcher.call_with_vector(lambda ids, **kwargs: generate(ids, max_length, stop, **kwargs), context,
+                                             layer=self.patch_layer, vector=self.patch_vector,
+                                             positions=last_prompt_positions(context), **generation_kwargs)
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        # float32 bytes on the CPU: the same digest for the same values on any device
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]

@@ -1,0 +1,207 @@
+"""The basis of a composite function vector: one FFV per relation, every one at the same layer,
+trained from a cheap FV start (the model's function heads, read off its shipped FVs, averaged
+over a few in-context prompts of the relation) on that relation's word pairs. Built in groups
+of relations that share forward passes, cached on disk one vector per relation, reused.
+
+Layout: <basis dir>/<source>/<relation>.safetensors (+ .json sidecar, kind "basis").
+Default basis dir: $FFV_CACHE_DIR/basis/<model alias>."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ffv_eval import __version__
+from ffv_eval.data.basis_sources import BasisRelation
+from ffv_eval.files.hashes import pairs_sha256
+from ffv_eval.errors import FFVError
+from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
+from ffv_eval.vectors.function_vectors import encode_prompts, first_token_scores, icl_prompts, mean_head_outputs, pad_id_of
+from ffv_eval.models.loading import cache_root, input_device
+from ffv_eval.models.patching import Patcher
+from ffv_eval.progress import no_progress
+from ffv_eval.vectors.store import VECTORS_DIR, VectorFileError, load_vector, save_vector
+
+BASIS_KIND = "basis"
+
+
+class BasisError(FFVError, ValueError):
+    """A basis directory or composite map that is missing, empty, for another model or unusable."""
+
+
+@dataclass(frozen=True)
+class BasisSettings:
+    n_pairs: int = 20  # training pairs per relation (fewer if a relation has fewer)
+    steps: int = 60
+    batch_size: int = 4  # pairs per relation per step
+    relations_per_pass: int = 16  # relations trained together in one forward pass
+    init_prompts: int = 8  # in-context prompts averaged for the starting FV
+    n_shots: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FunctionHeads:
+    """Where a model's FVs live, read off its shipped FVs: the heads, the layer the vectors are
+    added after, and their scale."""
+
+    heads: tuple[tuple[int, int], ...]
+    layer: int
+    scale: float
+
+
+@dataclass
+class Basis:
+    names: list[str]
+    vectors: torch.Tensor  # [R, hidden], float32 (on the CPU as loaded; users move them to the model)
+    layer: int
+    model_fingerprint: str
+    directory: Path
+
+
+def default_basis_dir(model_alias: str) -> Path:
+    return cache_root() / "basis" / model_alias
+
+
+def basis_file(directory: Path, relation_name: str) -> Path:
+    return Path(directory) / f"{relation_name}.safetensors"
+
+
+def function_heads(model_alias: str, vectors_dir: Path = VECTORS_DIR) -> FunctionHeads:
+    """The heads with the largest summed indirect effect over the model's shipped FVs (as many
+    as the median FV uses), the most common layer of its shipped FFVs, the median FV scale."""
+    fvs = [load_vector(p).metadata for p in sorted((vectors_dir / model_alias / "fv").glob("*.safetensors"))]
+    if not fvs:
+        raise BasisError(f"no shipped FVs for {model_alias} in {vectors_dir / model_alias / 'fv'}; "
+                         f"run: ffv build-library --model {model_alias}")
+    effect: Counter = Counter()
+    for meta in fvs:
+        for h in meta.get("heads", []):
+            effect[(h["layer"], h["head"])] += h["indirect_effect"]
+    k = max(1, int(statistics.median(len(m.get("heads", [])) for m in fvs)))
+    ffvs = [load_vector(p).metadata for p in sorted((vectors_dir / model_alias / "ffv").glob("*.safetensors"))] or fvs
+    layers = Counter(m["layer"] for m in ffvs)
+    layer = min(layers, key=lambda l: (-layers[l], l))
+    return FunctionHeads(tuple(h for h, _ in effect.most_common(k)), layer, float(statistics.median(m["scale"] for m in fvs)))
+
+
+@torch.no_grad()
+def starting_vector(patcher: Patcher, tokenizer, relation: BasisRelation, heads: FunctionHeads, settings: BasisSettings) -> torch.Tensor:
+    """The function heads' mean outputs over a few in-context prompts of the relation, in the
+    residual basis, times the model's usual FV scale."""
+    rng = random.Random(f"{settings.seed}:{relation.name}")
+    shots = min(settings.n_shots, len(relation.pairs) - 1)
+    prompts = encode_prompts(tokenizer, *icl_prompts(relation.pairs, settings.init_prompts, shots, rng, False))
+    mean_heads = mean_head_outputs(patcher, prompts, pad_id_of(tokenizer))
+    vector = torch.zeros(patcher.adapter.hidden_size, dtype=torch.float32, device=input_device(patcher.model))
+    for layer, head in heads.heads:
+        vector += patcher.adapter.head_contributions(layer, mean_heads[layer])[head].to(vector.device, torch.float32)
+    return vector * heads.scale
+
+
+def build_basis(
+    patcher: Patcher,
+    tokenizer,
+    model_alias: str,
+    fingerprint: str,
+    relations: Sequence[BasisRelation],
+    directory: Path | None = None,
+    settings: BasisSettings = BasisSettings(),
+    force: bool = False,
+    progress: Callable[[str], None] = no_progress,
+) -> Basis:
+    """Train the basis FFVs that are missing from `directory` (all of them with `force`) and
+    return the whole basis. A cached vector made from other pairs or another model is an error
+    unless `force`."""
+    if not relations:
+        raise BasisError("empty basis: no relations given")
+    directory = Path(directory or default_basis_dir(model_alias))
+    heads = function_heads(model_alias)
+    missing = []
+    for relation in relations:
+        path = basis_file(directory, relation.name)
+        if path.exists() and not force:
+            _check_cached(load_vector(path), relation, fingerprint)
+        else:
+            missing.append(relation)
+    progress(f"[ffv] basis for {model_alias}: {len(relations)} relations, {len(relations) - len(missing)} cached, "
+             f"{len(missing)} to train at layer {heads.layer} (heads {', '.join(f'L{l}H{h}' for l, h in heads.heads)}, x{heads.scale:g})")
+    training = TrainingSettings(n_pairs=settings.n_pairs, steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed)
+    for start in range(0, len(missing), settings.relations_per_pass):
+        group = missing[start : start + settings.relations_per_pass]
+        t = time.perf_counter()
+        initials = torch.stack([starting_vector(patcher, tokenizer, r, heads, settings) for r in group])
+        pair_lists = [r.pairs[: settings.n_pairs] for r in group]
+        results = train_function_vectors(patcher, tokenizer, pair_lists, heads.layer, initials, training)
+        before, _ = _training_fit(patcher, tokenizer, pair_lists, heads.layer, initials)
+        after, _ = _training_fit(patcher, tokenizer, pair_lists, heads.layer, torch.stack([r.vector for r in results]))
+        for relation, result, fit0, fit1 in zip(group, results, before, after):
+            save_vector(basis_file(directory, relation.name), result.vector, {
+                "kind": BASIS_KIND, "relation": relation.name, "source": relation.source, "origin": relation.origin,
+                "model": model_alias, "model_fingerprint": fingerprint, "layer": heads.layer, "scale": 1.0,
+                "heads": [{"layer": l, "head": h} for l, h in heads.heads], "init_scale": heads.scale,
+                "data": {"pairs_sha256": pairs_sha256(relation.pairs), "n_pairs": len(relation.pairs), "training_pairs": len(relation.pairs[: settings.n_pairs])},
+                "settings": dataclasses.asdict(settings),
+                "metrics": {"training_first_token_accuracy": fit1, "training_first_token_accuracy_at_init": fit0,
+                            "first_loss": result.losses[0], "last_loss": sum(result.losses[-10:]) / len(result.losses[-10:])},
+                "ffv_eval_version": __version__,
+            }, force=True)
+        seconds = time.perf_counter() - t
+        progress(f"[ffv] basis {start + len(group)}/{len(missing)} trained ({seconds / len(group):.1f}s per relation); "
+                 f"training-pair accuracy {sum(before) / len(group):.2f} -> {sum(after) / len(group):.2f}")
+    return load_basis(directory, [r.name for r in relations], fingerprint)
+
+
+def _training_fit(patcher, tokenizer, pair_lists, layer, vectors) -> tuple[list[float], list[float]]:
+    accuracy, logprob = [], []
+    for pairs, vector in zip(pair_lists, vectors):
+        a, lp = first_token_scores(patcher, tokenizer, pairs, layer, vector[None])
+        accuracy.append(float(a[0]))
+        logprob.append(float(lp[0]))
+    return accuracy, logprob
+
+
+def _check_cached(stored, relation: BasisRelation, fingerprint: str) -> None:
+    meta = stored.metadata
+    if meta["model_fingerprint"] != fingerprint:
+        raise BasisError(f"{stored.path}: basis vector made for model fingerprint {meta['model_fingerprint']} "
+                         f"({meta.get('model', 'unknown')}), the loaded model is {fingerprint}; rebuild with --force")
+    if meta.get("data", {}).get("pairs_sha256") != pairs_sha256(relation.pairs):
+        raise BasisError(f"{stored.path}: basis vector was trained on other pairs than {relation.origin} now gives; rebuild with --force")
+
+
+def load_basis(directory: Path, names: Sequence[str] | None = None, fingerprint: str | None = None) -> Basis:
+    """The basis vectors in `directory` (all, or `names` in that order). Errors: an empty or
+    missing basis, a vector for another model, vectors at different layers."""
+    directory = Path(directory)
+    if names is None:
+        paths = sorted(directory.rglob("*.safetensors"))
+        names = [str(p.relative_to(directory).with_suffix("")) for p in paths]
+    else:
+        paths = [basis_file(directory, n) for n in names]
+    if not paths:
+        raise BasisError(f"empty basis: no basis vectors under {directory}; run: ffv basis build")
+    stored = []
+    for path in paths:
+        try:
+            vector = load_vector(path)
+        except VectorFileError as err:
+            raise BasisError(f"basis {directory}: {err}") from err
+        if vector.metadata["kind"] != BASIS_KIND:
+            raise BasisError(f"{path}: kind is {vector.metadata['kind']!r}, not a basis vector")
+        if fingerprint is not None and vector.metadata["model_fingerprint"] != fingerprint:
+            raise BasisError(f"{path}: basis built for model fingerprint {vector.metadata['model_fingerprint']} "
+                             f"({vector.metadata.get('model', 'unknown')}), the loaded model is {fingerprint}")
+        stored.append(vector)
+    layers = {v.metadata["layer"] for v in stored}
+    if len(layers) != 1:
+        raise BasisError(f"basis {directory}: vectors at different layers {sorted(layers)}")
+    return Basis(list(names), torch.stack([v.vector for v in stored]), layers.pop(), stored[0].metadata["model_fingerprint"], directory)

@@ -1,0 +1,78 @@
+"""Jobs behind `ffv basis build` and `ffv compose`: load the model, gather the basis relations,
+train what is missing, fit the composite map, explain a pair."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ffv_eval.errors import SettingError
+from ffv_eval import DEFAULT_MODEL
+from ffv_eval.files.atomic import check_writable
+from ffv_eval.vectors.basis import BasisSettings, build_basis, default_basis_dir
+from ffv_eval.data.basis_sources import analogy_test_pairs, basis_relations
+from ffv_eval.vectors.composite import CompositeVectors, MapSettings, fit_composite_map, load_composite_map, save_composite_map, training_analogies
+from ffv_eval.files.lock import cache_lock
+from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.relations import data_dir_from_env
+from ffv_eval.progress import show_progress
+
+
+def build_basis_and_map(model_name: str = DEFAULT_MODEL, data_dir=None, sources=None, out=None, force: bool = False,
+                        basis_settings: BasisSettings = BasisSettings(), map_settings: MapSettings = MapSettings(),
+                        max_relations: int | None = None, progress=show_progress, placement: Placement = Placement()) -> Path:
+    """Train the missing basis FFVs (project relations, plus every relation found in the data
+    directory), then fit and save the composite map. Returns the basis directory."""
+    placement = placement.checked()
+    data_dir = data_dir_from_env(data_dir)
+    if sources is None:
+        sources = ("project", "todd", "bats", "google", "semeval") if data_dir else ("project",)
+    exclude = analogy_test_pairs(data_dir) if data_dir else frozenset()
+    relations = basis_relations(data_dir, sources=tuple(sources), exclude=exclude)
+    if max_relations:
+        relations = relations[:max_relations]
+    directory = Path(out) if out else default_basis_dir(model_name)
+    check_writable(directory / "composite.safetensors", "--out")
+    progress(f"[ffv] loading {model_name} ({placement.device or placement.device_map}, {placement.dtype})")
+    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
+    patcher = Patcher(model)
+    fingerprint = model_fingerprint(model)
+    # One build of a basis directory at a time: another process building it waits, then
+    # trains only what is still missing.
+    with cache_lock(directory / ".build.lock", f"building the basis {directory}", report=progress):
+        t = time.perf_counter()
+        basis = build_basis(patcher, tokenizer, model_name, fingerprint, relations, directory, basis_settings, force, progress)
+        progress(f"[ffv] basis ready: {len(basis.names)} relations in {directory} ({time.perf_counter() - t:.0f}s)")
+        analogies = training_analogies(relations, basis_settings.n_pairs, map_settings.analogies_per_relation, map_settings.seed)
+        cmap = fit_composite_map(patcher, tokenizer, basis, analogies, map_settings, progress)
+        cmap.metadata["training_analogies"] = {"source": "two spare pairs of one basis relation",
+                                               "excluded_test_pairs": len(exclude), "count": len(analogies)}
+        path = save_composite_map(cmap, model_name)
+    progress(f"[ffv] composite map saved: {path}")
+    return directory
+
+
+def explain_pairs(pairs: list[str], model_name: str = DEFAULT_MODEL, basis_dir=None, top: int = 10, print_=print,
+                  placement: Placement = Placement()) -> list:
+    """For each `a:b`, the top basis relations with posterior and weight."""
+    placement = placement.checked()
+    stems = []
+    for text in pairs:
+        a, sep, b = text.partition(":")
+        if not sep or not a.strip() or not b.strip():
+            raise SettingError(f"--pair {text!r}: expected a:b")
+        stems.append((a.strip(), b.strip()))
+    directory = Path(basis_dir) if basis_dir else default_basis_dir(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
+    composite = CompositeVectors(Patcher(model), tokenizer, load_composite_map(directory, model_fingerprint(model)))
+    out = []
+    for a, b in stems:
+        rows = composite.explain(a, b, top)
+        out.append(rows)
+        print_(f"{a}:{b}  (CFV norm {float(composite.vector(a, b).norm()):.1f}, layer {composite.layer})")
+        width = max(len(name) for name, _, _ in rows)
+        print_(f"  {'relation':<{width}} {'posterior':>9} {'weight':>8}")
+        for name, posterior, weight in rows:
+            print_(f"  {name:<{width}} {posterior:>9.3f} {weight:>8.3f}")
+    return out

@@ -1,0 +1,162 @@
+"""Fine-tuned function vectors (FFV): train only the vector, the model frozen, so that adding it
+after one decoder block at the last token of zero-shot `Q: x\\nA:` prompts makes the model
+predict each training pair's answer (cross-entropy on the answer's first token), with an L2
+penalty that keeps the vector near its starting norm. Batched, seeded and deterministic."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ffv_eval.errors import FFVError, SettingError
+from ffv_eval.vectors.function_vectors import answer_log_probs, encode_prompts, pad_id_of, right_pad
+from ffv_eval.models.loading import input_device
+from ffv_eval.models.patching import Patcher
+from ffv_eval.data.prompts import query_text
+from ffv_eval.data.relations import RelationDataError, WordPair
+from ffv_eval.progress import no_progress
+
+
+class DivergedTraining(FFVError, RuntimeError):
+    """Training made the loss or the vector non-finite (a learning rate too high for the model)."""
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    n_pairs: int = 20
+    steps: int = 60
+    batch_size: int = 4
+    learning_rate: float = 0.05  # relative to the starting vector's RMS per coordinate
+    l2: float = 0.01  # weight of (|v| / |v0|)^2
+    init: str = "fv"  # "fv" or "random" (a random direction with the FV's norm)
+    seed: int = 0
+
+
+@dataclass
+class TrainingResult:
+    vector: torch.Tensor  # float32 on the CPU
+    initial_vector: torch.Tensor  # float32 on the CPU
+    losses: list[float]
+    seconds: float
+
+
+def check_training_pairs(pairs: Sequence[WordPair], held_out: Sequence[WordPair], n_pairs: int, where: str) -> list[WordPair]:
+    """The first n_pairs training pairs, refusing too few, duplicates and test overlap."""
+    inputs = [p.input for p in pairs]
+    duplicates = sorted({i for i in inputs if inputs.count(i) > 1})
+    if duplicates:
+        raise RelationDataError(f"{where}: duplicate training inputs: {', '.join(duplicates[:5])}")
+    overlap = sorted(set(inputs) & {p.input for p in held_out})
+    if overlap:
+        raise RelationDataError(f"{where}: training pairs overlap the test split: {', '.join(overlap[:5])}")
+    if len(pairs) < n_pairs:
+        raise RelationDataError(f"{where}: {len(pairs)} training pairs, need at least {n_pairs}")
+    return list(pairs[:n_pairs])
+
+
+def random_like(vector: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random direction with `vector`'s norm, float32 on `vector`'s device."""
+    # Drawn on the CPU generator so that a seed gives the same direction on every device.
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    direction = torch.randn(vector.shape, generator=generator, dtype=torch.float32, device="cpu").to(vector.device)
+    return direction / direction.norm() * vector.float().norm()
+
+
+def train_function_vector(
+    patcher: Patcher,
+    tokenizer,
+    pairs: Sequence[WordPair],
+    layer: int,
+    initial: torch.Tensor,
+    settings: TrainingSettings = TrainingSettings(),
+    progress: Callable[[str], None] = no_progress,
+) -> TrainingResult:
+    """One relation's FFV (see train_function_vectors)."""
+    return train_function_vectors(patcher, tokenizer, [pairs], layer, initial[None], settings, progress)[0]
+
+
+def train_function_vectors(
+    patcher: Patcher,
+    tokenizer,
+    pair_lists: Sequence[Sequence[WordPair]],
+    layer: int,
+    initials: torch.Tensor,
+    settings: TrainingSettings = TrainingSettings(),
+    progress: Callable[[str], None] = no_progress,
+) -> list[TrainingResult]:
+    """FFVs of several relations at once: one forward pass per step carries settings.batch_size
+    prompts of every relation, each row patched with its own relation's vector. Every vector
+    has its own Adam state, learning rate, sampling order and loss term, so the result for a
+    relation is what training it alone would give (up to float rounding in batched kernels)."""
+    if settings.init not in ("fv", "random"):
+        raise SettingError(f"--init must be 'fv' or 'random', got {settings.init!r}")
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    device = input_device(patcher.model)
+    n_relations = len(pair_lists)
+    # float32 whatever the model's dtype: the trained vectors and their Adam state (steps of
+    # 0.05 x the vector's RMS would vanish in bfloat16's 8-bit mantissa); patching casts each
+    # step's vector to the model's dtype, and gradients flow back through that cast.
+    initials = initials.to(device, torch.float32)
+    starts = [v if settings.init == "fv" else random_like(v, settings.seed) for v in initials]
+    vectors = [v0.clone().requires_grad_(True) for v0 in starts]
+    optimizer = torch.optim.Adam(
+        [{"params": [v], "lr": settings.learning_rate * float(v0.norm() / math.sqrt(v0.numel()))} for v, v0 in zip(vectors, starts)]
+    )
+    prompts = [encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs]) for pairs in pair_lists]
+    samplers = [_Sampler(len(pairs), settings.seed) for pairs in pair_lists]
+    losses: list[list[float]] = [[] for _ in range(n_relations)]
+    with torch.enable_grad():
+        for step in range(settings.steps):
+            rows = [(r, i) for r in range(n_relations) for i in samplers[r].take(settings.batch_size)]
+            ids, mask, last = right_pad([prompts[r].input_ids[i] for r, i in rows], pad_id_of(tokenizer), device)
+            which = torch.tensor([r for r, _ in rows], dtype=torch.long, device=device)
+            hidden = patcher.final_hidden(ids, mask, layer=layer, vector=torch.stack(vectors)[which], positions=last)
+            last_hidden = hidden[torch.arange(len(rows), device=hidden.device), last.to(hidden.device)]
+            answers = torch.tensor([prompts[r].answer_ids[i] for r, i in rows], dtype=torch.long, device=device)
+            log_prob, _ = answer_log_probs(patcher.adapter, last_hidden, answers)  # float32
+            per_row = (-log_prob).to(device).view(n_relations, settings.batch_size)  # cross-entropy per row
+            per_relation = per_row.mean(dim=1) + settings.l2 * torch.stack(
+                [(v.norm() / v0.norm()) ** 2 for v, v0 in zip(vectors, starts)])
+            if not torch.isfinite(per_relation).all():
+                bad = int((~torch.isfinite(per_relation)).nonzero()[0])
+                raise DivergedTraining(f"training diverged at step {step + 1} (relation {bad + 1} of {n_relations}): "
+                                       f"loss is {per_relation[bad].item()} (try a lower learning rate)")
+            optimizer.zero_grad()
+            per_relation.sum().backward()
+            optimizer.step()
+            for r in range(n_relations):
+                losses[r].append(per_relation[r].item())
+            if (step + 1) % 10 == 0 or step + 1 == settings.steps:
+                recent = [sum(l[-10:]) / len(l[-10:]) for l in losses]
+                progress(f"step {step + 1}/{settings.steps}: loss {sum(recent) / n_relations:.3f}"
+                         + (f", |v| {vectors[0].norm():.0f}" if n_relations == 1 else f" (mean of {n_relations} relations)"))
+    seconds = time.perf_counter() - start
+    results = []
+    for v, v0, relation_losses in zip(vectors, starts, losses):
+        result = v.detach().cpu().clone()
+        if not torch.isfinite(result).all():
+            raise DivergedTraining("training produced a non-finite vector")
+        results.append(TrainingResult(result, v0.detach().cpu().clone(), relation_losses, seconds / n_relations))
+    return results
+
+
+class _Sampler:
+    """Shuffled passes over a relation's pairs, its own seeded order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.rng, self.order = n, random.Random(seed), []
+
+    def take(self, k: int) -> list[int]:
+        batch = []
+        while len(batch) < k:
+            if not self.order:
+                self.order = list(range(self.n))
+                self.rng.shuffle(self.order)
+            batch.append(self.order.pop())
+        return batch
