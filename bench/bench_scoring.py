@@ -49,7 +49,7 @@ def main() -> None:
     hf_mem = peak_text(device)
     del hf
     reset_peak(device)
-    patched = FFVPatchedLM(pretrained=args.model, device=device, batch_size=args.batch_size)
+    patched = FFVPatchedLM(pretrained=args.model, vector="none", device=device, batch_size=args.batch_size)
     plain_s, plain_res, plain_ll = score(patched)
     patched.set_vector(args.vector)
     vec_s, vec_res, _ = score(patched)

@@ -520,7 +520,7 @@ def speed_scoring(args, run: SpeedRun, report: Report) -> None:
         return best, lls
 
     hf_s, hf_ll = score(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size))
-    patched = FFVPatchedLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    patched = FFVPatchedLM(pretrained=model, vector="none", tokenizer=tokenizer, batch_size=args.batch_size)
     plain_s, plain_ll = score(patched)
     patched.set_vector(str(path))
     vec_s, vec_ll = score(patched)

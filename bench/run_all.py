@@ -1,6 +1,7 @@
 """Every benchmark of the project, each in its own process (so each peak memory is its own),
 printed one after the other: causal mediation (cached scan vs the straightforward loop),
-patched scoring (ffv-patched vs --model hf) and FFV training (one relation vs many per pass).
+patched scoring (ffv-patched vs --model hf), FFV training (one relation vs many per pass) and
+composite vectors (the batched posterior; a CFV run vs the unpatched run).
 
     FFV_DATA_DIR=../shared/data python bench/run_all.py
 """
@@ -16,6 +17,7 @@ BENCHMARKS = [
     ("causal mediation", ["bench_mediation.py", "--prompts", "1"]),
     ("patched scoring", ["bench_scoring.py", "--task", "u2_analogy", "--limit", "50", "--repeats", "1"]),
     ("FFV training", ["bench_training.py", "--relations", "4", "--steps", "20"]),
+    ("composite vectors", ["bench_composite.py", "--task", "u2_analogy", "--limit", "50", "--stems", "32"]),
 ]
 
 

@@ -98,7 +98,9 @@ def _basis_build(args) -> None:
 
     build_basis_and_map(args.model, args.data_dir, args.sources, args.out, args.force,
                         BasisSettings(**_given(steps=args.steps, relations_per_pass=args.relations_per_pass)),
-                        MapSettings(**_given(steps=args.map_steps, analogies_per_relation=args.analogies_per_relation)),
+                        MapSettings(**_given(steps=args.map_steps, stems_per_relation=args.stems_per_relation,
+                                             targets_per_stem=args.targets_per_stem, posterior=args.posterior,
+                                             map=args.map)),
                         args.max_relations, placement=placement_of(args))
 
 
@@ -117,6 +119,13 @@ def _leaderboard(args) -> None:
                         run_models=args.run_models, tasks=args.tasks, limit=args.limit, alignment_files=args.alignment,
                         quality_files=args.vector_quality, data_dir=args.data_dir,
                         **_given(conditions=args.conditions, batch_size=args.batch_size))
+
+
+def _explain_cfv(args) -> None:
+    from ffv_eval.reports.cfv_evidence import explain_cfv
+
+    explain_cfv(args.results_dir, args.model, args.task, output=args.output, condition=args.condition, metric=args.metric,
+                basis_dir=args.basis, placement=placement_of(args), **_given(limit=args.limit, only=args.only, top=args.top))
 
 
 def _align(args) -> None:
@@ -207,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="tasks for --run (groups of ffv-eval's tasks, e.g. relations, todd, expand to their tasks)")
     p.add_argument("--conditions", nargs="+",
                    help="for --run: unpatched, <k>-shot, a vector kind (fv, ffv, ffv-random: each relation's own), "
-                        "or <kind>:<relation> (one vector for all tasks)")
-    p.add_argument("--limit", type=int, default=None, help="for --run: test examples per task")
+                        "cfv (a composite vector per question), auto (ffv-patched's vector=auto: relation tasks their FFV, "
+                        "analogy questions their CFV), or <kind>:<relation> (one vector for all tasks)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="for --run: test examples per task (default: the full test sets; paired gains need equal limits)")
     p.add_argument("--batch-size", type=int, help="for --run")
     p.add_argument("--data-dir", help="for --run: data directory of the todd_<relation> and analogy tasks, recorded in "
                                       "the results (default: $FFV_DATA_DIR)")
@@ -239,11 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="add every relation found here (default: $FFV_DATA_DIR; without one, the project's relations only)")
     p.add_argument("--sources", nargs="+", choices=["project", "todd", "bats", "google", "semeval"],
                    help="relation sources (default: all found)")
-    p.add_argument("--out", help="basis directory (default: $FFV_CACHE_DIR/basis/<model>)")
+    p.add_argument("--out", help="basis directory (default: ./vectors/<model>/basis in the working directory)")
     p.add_argument("--steps", type=int, help="training steps per basis FFV")
     p.add_argument("--relations-per-pass", type=int, help="relations trained together in one forward pass")
     p.add_argument("--map-steps", type=int, help="steps fitting the affine map")
-    p.add_argument("--analogies-per-relation", type=int, help="training analogies drawn per basis relation")
+    p.add_argument("--stems-per-relation", type=int, help="source pairs A:B per basis relation in the map's training analogies")
+    p.add_argument("--targets-per-stem", type=int, help="C:D pairs per source pair in the map's training analogies")
+    p.add_argument("--posterior", choices=["auto", "softmax", "calibrated"],
+                   help="posterior over basis relations: the paper's softmax, calibrated (each relation against its own "
+                        "baseline, fitted temperature), or auto (default: the one validation on held-out relations supports)")
+    p.add_argument("--map", choices=["auto", "fitted", "identity"],
+                   help="weights from the posterior: the fitted affine map (the paper's), the posterior itself (identity), "
+                        "or auto (default: the one validation on held-out relations supports)")
     p.add_argument("--max-relations", type=int, help="use only the first N relations (for quick trials)")
     p.add_argument("--force", action="store_true", help="retrain every basis FFV")
     add_placement_arguments(p)
@@ -251,11 +269,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compose", help="show the top basis relations and weights of the CFV for a pair")
     p.add_argument("--pair", nargs="+", required=True, help="source pairs a:b")
-    p.add_argument("--basis", help="basis directory (default: $FFV_CACHE_DIR/basis/<model>)")
+    p.add_argument("--basis", help="basis directory (default: the model's own, in ./vectors or the shipped vectors)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--top", type=int, help="basis relations shown per pair")
     add_placement_arguments(p)
     p.set_defaults(run=_compose)
+
+    p = sub.add_parser("explain-cfv", help="evidence of what a CFV did to one task's questions, side by side with unpatched "
+                                          "(answers, posteriors, where the vector was added), from `ffv leaderboard --run` results")
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="results directory of `ffv leaderboard --run` (with samples files)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model alias, as the results record it")
+    p.add_argument("--task", required=True, help="an analogy task of the results, e.g. u2_analogy or analogy_completion_kmiecik")
+    p.add_argument("--limit", type=int, help="documents shown (default: 20)")
+    p.add_argument("--only", choices=["all", "lost", "won", "changed"],
+                   help="questions shown: all, lost (right unpatched, wrong with the CFV), won (the reverse), or changed "
+                        "(another answer); default: all")
+    p.add_argument("--metric", help="metric that decides won and lost (default: the task's primary: acc, top_answer); acc_d")
+    p.add_argument("--condition", choices=["cfv", "auto"], help="the patched run (default: cfv if the results have it, else auto)")
+    p.add_argument("--top", type=int, help="basis relations of each CFV's posterior shown (default: 5; 0: none, no model loaded)")
+    p.add_argument("--basis", help="basis directory (default: the one the run recorded, else the model's own)")
+    p.add_argument("--output", help="write the Markdown report here (default: standard output)")
+    add_placement_arguments(p)
+    p.set_defaults(run=_explain_cfv)
 
     p = sub.add_parser("align", help="agreement of FV / FFV relation representations with human similarity judgments")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -264,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-comparisons", type=int, help="seeded subset of the relsim comparisons (default: all)")
     p.add_argument("--max-subcategories", type=int, help="seeded subset of SemEval-2012 subcategories (default: all 79)")
     p.add_argument("--seed", type=int, help="seed of the subsets and the bootstrap resamples")
-    p.add_argument("--output", help="write the figures as JSON here")
+    p.add_argument("--output", help="write the figures, and the paired differences between the kinds, as JSON here")
     p.add_argument("--markdown", help="write the table as Markdown here")
     add_placement_arguments(p)
     p.set_defaults(run=_align)

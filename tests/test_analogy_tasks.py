@@ -264,10 +264,10 @@ def test_responses_are_ranked_without_skips_ties_alphabetical():
 def test_completion_scores(generation, top, share):
     answers, counts = zip(*A.ranked_responses({"skip": 9, "brush": 4, "hair": 4, "paint": 3, "picture books": 3}))
     scores = A.completion_scores(generation, list(answers), list(counts))
-    assert scores == {"top_answer": top, "human_share": pytest.approx(share)}
-    doc = {"answers": list(answers), "counts": list(counts)}
+    assert scores == {"top_answer": top, "human_share": pytest.approx(share), "repeats_abc": 0.0}
+    doc = {"answers": list(answers), "counts": list(counts), "a": "artist", "b": "paint", "c": "hairdresser"}
     assert A.process_completion_results(doc, [generation]) == scores
-    assert A.completion_scores(" x", [], []) == {"top_answer": 0.0, "human_share": 0.0}
+    assert A.completion_scores(" x", [], []) == {"top_answer": 0.0, "human_share": 0.0, "repeats_abc": 0.0}
 
 
 # -- the lm-eval tasks ---------------------------------------------------------------------------
@@ -281,7 +281,9 @@ def test_every_analogy_task_loads_and_builds_its_requests(full_data):
         doc = task.instances[0].doc
         sizes[name] = len(task.test_docs())
         if task.OUTPUT_TYPE == "multiple_choice":
-            assert [i.request_type for i in task.instances] == ["loglikelihood"] * len(doc["choices"]), name
+            one_shot = name in ("u2_analogy", "u4_analogy", "bats_analogy", "google_analogy", "sat_analogy", "ucla_vat")
+            per_choice = 2 if one_shot else 1  # the one-shot template also scores each choice's C part (acc_d)
+            assert [i.request_type for i in task.instances] == ["loglikelihood"] * per_choice * len(doc["choices"]), name
         else:
             assert [i.request_type for i in task.instances] == ["generate_until"], name
     assert sizes["u2_analogy"] == sizes["u2_analogy_plain"] == 228 and sizes["bats_analogy"] == 1799
@@ -306,6 +308,11 @@ def test_u2_prompts_of_both_templates(shared_data):
         ("Q: lie\nA: prevaricate\n\n", "Q: waver\nA: falter"),
         ("Q: lie\nA: prevaricate\n\n", "Q: deride\nA: praise"),
         ("Q: lie\nA: prevaricate\n\n", "Q: corroborate\nA: doubt"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: betray\nA:"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: philander\nA:"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: waver\nA:"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: deride\nA:"),
+        ("Q: lie\nA: prevaricate\n\n", "Q: corroborate\nA:"),
     ]
     _, args = _requests(tm, "u2_analogy_plain")
     assert args == [
@@ -317,7 +324,8 @@ def test_u2_prompts_of_both_templates(shared_data):
     ]
     doc, args = _requests(tm, "ucla_vat")
     assert doc["answer"] == 0 and doc["relation"] == "Synonym"
-    assert args == [("Q: easy\nA: simple\n\n", "Q: sad\nA: unhappy"), ("Q: easy\nA: simple\n\n", "Q: sad\nA: happy")]
+    assert args == [("Q: easy\nA: simple\n\n", "Q: sad\nA: unhappy"), ("Q: easy\nA: simple\n\n", "Q: sad\nA: happy"),
+                    ("Q: easy\nA: simple\n\n", "Q: sad\nA:"), ("Q: easy\nA: simple\n\n", "Q: sad\nA:")]
     _, args = _requests(tm, "ucla_vat_plain")
     assert args == [("easy is to simple as", " sad is to unhappy"), ("easy is to simple as", " sad is to happy")]
     doc, args = _requests(tm, "analogy_completion_kmiecik")

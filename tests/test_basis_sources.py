@@ -37,16 +37,16 @@ def test_counts_without_exclusion(shared_data):
 
 
 def test_counts_with_analogy_test_pairs_excluded(basis):
-    # the BATS and Google analogy test sets are built from the BATS and Google pairs: excluding
-    # them leaves at most 4 pairs per BATS relation and 2 per Google category
-    assert per_source(basis) == {"project": 24, "todd": 12, "semeval": 67}
-    assert len(basis) >= 100
+    # the BATS and Google analogy test sets are built from the BATS and Google pairs, and the
+    # SemEval completion set from SemEval's: excluding every test pair (stems, every choice, every
+    # answer people gave) leaves no BATS or Google relation and 48 of SemEval's 79
+    assert per_source(basis) == {"project": 23, "todd": 12, "semeval": 48}
 
 
 def test_relation_sizes_and_exclusion(basis, exclude):
     assert exclude and all(a == a.lower() and b == b.lower() for a, b in exclude)
     for relation in basis:
-        assert 12 <= len(relation.pairs) <= 40, relation.name
+        assert 12 <= len(relation.pairs) <= 80, relation.name
         inputs = [p.input for p in relation.pairs]
         assert len(set(inputs)) == len(inputs), relation.name
         for pair in relation.pairs:
@@ -165,10 +165,9 @@ def test_analogy_test_pairs(tmp_path):
     write(tmp_path / "ucla_vat" / "UCLA_VAT.csv", "Relation,A,B,C,D,D'\nSynonym,easy,simple,sad,unhappy,happy\n")
     problem = {"a": "puppy", "b": "dog", "c": "kitten", "responses": {"Cat": 3, "cats": 1, "lion": 3, "skip": 9}}
     write(tmp_path / "analogy_completion" / "kmiecik.jsonl", json.dumps(problem) + "\n")
-    assert analogy_test_pairs(tmp_path) == {
-        ("hot", "cold"), ("up", "down"), ("easy", "simple"), ("sad", "unhappy"),
-        ("puppy", "dog"), ("kitten", "cat"), ("kitten", "lion"),
-    }
+    one_way = {("hot", "cold"), ("up", "left"), ("up", "down"), ("easy", "simple"), ("sad", "unhappy"), ("sad", "happy"),
+               ("puppy", "dog"), ("kitten", "cat"), ("kitten", "cats"), ("kitten", "lion")}
+    assert analogy_test_pairs(tmp_path) == one_way | {(b, a) for a, b in one_way}  # valid.jsonl and skips are not test pairs
     write(tmp_path / "analogy_completion" / "semeval.jsonl", '{"a": "x"}\n')
     with pytest.raises(RelationDataError, match=r"semeval\.jsonl: line 1"):
         analogy_test_pairs(tmp_path)

@@ -11,6 +11,7 @@ import torch
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
 from ffv_eval.models.patching import Patcher
 from ffv_eval.data.relations import WordPair
+from ffv_eval.vectors.basis import BasisError
 from tests.conftest import tiny_llama
 
 
@@ -59,8 +60,9 @@ def small_basis(gemma, tmp_path_factory):
     messages = []
     settings = BasisSettings(steps=15, relations_per_pass=4, init_prompts=4)
     basis = build_basis(patcher, tok, "gemma-3-270m", model_fingerprint(model), relations, directory, settings, progress=messages.append)
-    analogies = training_analogies(relations, settings.n_pairs, 4, 0)
-    cmap = fit_composite_map(patcher, tok, basis, analogies, MapSettings(steps=12, batch_size=8), progress=messages.append)
+    analogies = training_analogies(relations, settings.n_pairs, 4, 2, 0)
+    cmap = fit_composite_map(patcher, tok, basis, analogies, MapSettings(steps=12, batch_size=8, posterior="softmax", map="fitted"),
+                             progress=messages.append)
     save_composite_map(cmap, "gemma-3-270m")
     return SimpleNamespace(patcher=patcher, tok=tok, relations=relations, directory=directory, basis=basis,
                            cmap=cmap, messages=messages, settings=settings, fingerprint=model_fingerprint(model))
@@ -191,3 +193,97 @@ def test_ffv_compose_shows_top_relations_and_weights(small_basis, capsys):
     assert "expected a:b" in capsys.readouterr().err
     assert main(["compose", "--basis", str(small_basis.directory / "nothing"), "--pair", "a:b"]) == 2
     assert "no composite map" in capsys.readouterr().err
+
+
+# -- the posterior and the map on a tiny model ---------------------------------------------------
+def _tiny_basis(n=5, seed=7):
+    from pathlib import Path
+
+    from ffv_eval.vectors.basis import Basis
+
+    vectors = torch.randn(n, 32, generator=torch.Generator().manual_seed(seed)) * 3
+    return Basis([f"r{i}" for i in range(n)], vectors, 1, "x", Path("."))
+
+
+def test_batched_posterior_equals_one_source_pair_per_pass_and_its_baseline_is_unpatched(monkeypatch):
+    from ffv_eval.vectors import composite
+    from ffv_eval.vectors.function_vectors import encode_continuation
+
+    patcher, tok, basis = Patcher(tiny_llama()), CharTokenizer(), _tiny_basis()
+    stems = [("ab", "ba"), ("abc", "cd"), ("x", "yy"), ("cd", "dc"), ("efg", "h")]  # three prompt lengths
+    batched = composite.basis_logprobs(patcher, tok, basis, stems, with_baseline=True)
+    monkeypatch.setattr(composite, "ROWS_PER_PASS", len(basis.names) + 1)  # one source pair per pass
+    alone = composite.basis_logprobs(patcher, tok, basis, stems, with_baseline=True)
+    assert batched.shape == (5, 6) and torch.allclose(batched, alone, atol=1e-5)
+    for i, (a, b) in enumerate(stems):  # the last column: a plain forward, no vector
+        context, answer = encode_continuation(tok, f"Q: {a}\nA:", f" {b}")
+        logits = patcher.model(torch.tensor([context])).logits[0, -1].float()
+        assert float(batched[i, -1]) == pytest.approx(float(logits.log_softmax(-1)[answer[0]]), abs=1e-5)
+    assert torch.equal(composite.basis_logprobs(patcher, tok, basis, stems), batched[:, :-1])
+
+
+def test_calibrated_posterior_discounts_a_relation_that_raises_every_answer():
+    from ffv_eval.vectors.composite import posterior_from, relation_gains
+
+    # relation 0 raises every answer by 3 nats; relation 1 raises B only for stems 0, 1; relation 2 for stem 2
+    unpatched = torch.tensor([[-6.0], [-5.0], [-7.0], [-6.0]])
+    gains = torch.tensor([[3.0, 2.5, 0.0], [3.0, 2.8, 0.1], [3.0, 0.0, 2.6], [3.0, 0.2, 0.0]])
+    log_probs = torch.cat([unpatched + gains, unpatched], dim=1)
+    assert torch.allclose(relation_gains(log_probs), gains)
+    baseline = gains.mean(0)
+    paper = posterior_from(log_probs, "softmax", None, 1.0).argmax(-1).tolist()
+    calibrated = posterior_from(log_probs, "calibrated", baseline, 1.0).argmax(-1).tolist()
+    assert paper == [0, 0, 0, 0] and calibrated[:3] == [1, 1, 2]
+
+
+def test_fitted_temperature_is_the_likelihood_optimum():
+    from ffv_eval.vectors.composite import fit_temperature
+
+    scores = torch.randn(60, 7, generator=torch.Generator().manual_seed(3)) * 4
+    truth = [int(i) for i in (scores + torch.randn(60, 7, generator=torch.Generator().manual_seed(4)) * 3).argmax(-1)]
+    grid = torch.logspace(-2, 2, 4001, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(scores.double() / t, torch.tensor(truth)) for t in grid])
+    best = float(grid[nll.argmin()])
+    assert fit_temperature(scores, truth) == pytest.approx(best, rel=0.01)
+    assert fit_temperature(scores * 10, truth) == pytest.approx(best * 10, rel=0.01)
+
+
+def test_map_fit_holds_relations_out_and_keeps_what_validation_supports(tmp_path):
+    from ffv_eval.vectors.basis import Basis
+    from ffv_eval.vectors.composite import Analogy, MapSettings, fit_composite_map, load_composite_map, save_composite_map
+    from ffv_eval.vectors.store import save_vector
+
+    patcher, tok = Patcher(tiny_llama()), CharTokenizer()
+    basis = _tiny_basis(4)
+    basis = Basis(basis.names, basis.vectors, 1, "f" * 16, tmp_path)
+    words = ["ab", "cd", "ef", "gh", "ij", "kl"]
+    analogies = [Analogy(a, b, c, d, f"r{k}") for k in range(4)
+                 for (a, b), (c, d) in zip(zip(words, words[k + 1:] + words), zip(words[1:], words[k + 2:] + words))]
+    messages = []
+    cmap = fit_composite_map(patcher, tok, basis, analogies, MapSettings(steps=4, batch_size=4, held_out_relations=0.25), messages.append)
+    meta = cmap.metadata
+    (held,) = meta["held_out_relations"]
+    assert meta["analogies"] == {"fitting": sum(x.relation != held for x in analogies),
+                                 "validation": sum(x.relation == held for x in analogies), "source_pairs": len({(x.a, x.b) for x in analogies})}
+    tried = meta["metrics"]
+    assert set(tried) == {"softmax", "calibrated"} and tried["softmax"]["temperature"] == 1.0
+    choice = meta["posterior_choice"]
+    key = {"fitted": "validation_fitted_map", "identity": "validation_posterior_weights"}
+    best = max(tried[k][key[m]]["accuracy"] for k in tried for m in key)
+    assert tried[choice["chosen"]][key[choice["map"]]]["accuracy"] == best and cmap.posterior_kind == choice["chosen"]
+    if choice["map"] == "identity":
+        assert torch.equal(cmap.weight, torch.eye(4)) and torch.equal(cmap.bias, torch.zeros(4))
+    # a calibrated map round-trips with its relation baseline; without it, loading names the tensor
+    for name, vector in zip(basis.names, basis.vectors):
+        save_vector(tmp_path / f"{name}.safetensors", vector, {"kind": "basis", "relation": name, "model_fingerprint": "f" * 16, "layer": 1})
+    forced = fit_composite_map(patcher, tok, basis, analogies, MapSettings(steps=2, batch_size=4, posterior="calibrated", map="fitted"))
+    save_composite_map(forced, "tiny")
+    loaded = load_composite_map(tmp_path, "f" * 16)
+    assert loaded.posterior_kind == "calibrated" and torch.equal(loaded.relation_baseline, forced.relation_baseline)
+    log_probs = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(loaded.posterior(log_probs), forced.posterior(log_probs))
+    from safetensors.torch import save_file
+
+    save_file({"weight": forced.weight, "bias": forced.bias}, str(tmp_path / "composite.safetensors"))
+    with pytest.raises(BasisError, match="relation_baseline"):
+        load_composite_map(tmp_path, "f" * 16)

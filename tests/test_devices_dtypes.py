@@ -104,7 +104,7 @@ def test_compare_passes_the_placement_to_lm_eval(monkeypatch):
     monkeypatch.setattr(lm_model, "FFVPatchedLM", capture)
     with pytest.raises(Stop):
         compare_conditions("gemma-3-270m", ["antonym"], kinds=["fv"], placement=Placement("cpu", "bfloat16"))
-    assert seen == {"pretrained": "gemma-3-270m", "batch_size": 16, "device": "cpu", "dtype": "bfloat16"}
+    assert seen == {"pretrained": "gemma-3-270m", "vector": "none", "batch_size": 16, "device": "cpu", "dtype": "bfloat16"}
 
 
 MODEL_SUBCOMMANDS = [
@@ -365,7 +365,7 @@ def test_composite_map_fit_with_bounded_logits_equals_unbounded(monkeypatch):
     analogies = [Analogy(p.input, p.output, q.input, q.output, "a") for p, q in zip(PAIRS, PAIRS[1:])]
 
     def fit(patcher):
-        return fit_composite_map(patcher, CharTokenizer(), basis, analogies, MapSettings(steps=3, batch_size=5, validation_share=0.3)).weight
+        return fit_composite_map(patcher, CharTokenizer(), basis, analogies, MapSettings(steps=3, batch_size=5)).weight
 
     bounded, full, rows = _bounded_and_unbounded(monkeypatch, fit)
     assert max(rows) == 3 and _same(bounded, full) and not torch.equal(bounded, torch.eye(3))

@@ -66,7 +66,7 @@ def test_without_a_vector_ffv_patched_scores_exactly_as_hf(args, shared_data):
     hf = get_model("hf").create_from_arg_string(f"pretrained={resolve_pretrained('gemma-3-270m')},device=cpu,{args}")
     expected = _scores(hf, shared_data)
     del hf
-    ffv = get_model("ffv-patched").create_from_arg_string(f"pretrained=gemma-3-270m,{args}")
+    ffv = get_model("ffv-patched").create_from_arg_string(f"pretrained=gemma-3-270m,vector=none,{args}")
     got = _scores(ffv, shared_data)
     assert str(ffv.model.dtype) == f"torch.{args.split(',')[0].removeprefix('dtype=')}"
     assert len(got["u2"]) == 2 and len(got["rolling"]) == 2
@@ -105,7 +105,7 @@ def test_each_row_is_patched_at_its_own_position(tmp_path):
     whose patch positions differ: each equals the vector added to that request alone."""
     from ffv_eval.harness.model import FFVPatchedLM
 
-    lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=4)
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="none", batch_size=4)
     torch.manual_seed(0)
     vector = torch.randn(lm.patcher.adapter.hidden_size) * 40
     lm.set_vector(_vector_file(tmp_path / "v.safetensors", lm, vector, 6))
@@ -135,7 +135,7 @@ def test_generation_adds_the_vector_once_at_the_last_prompt_token(tmp_path):
     the next block over every forward pass of a multi-token generation of two left-padded prompts."""
     from ffv_eval.harness.model import FFVPatchedLM
 
-    lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=2)
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="none", batch_size=2)
     layer, hidden = 8, lm.patcher.adapter.hidden_size
     marker = torch.zeros(hidden)
     marker[3] = 1e6
@@ -178,7 +178,7 @@ def test_generation_keeps_hflm_sampling_and_stopping(tmp_path):
     hf = HFLM(pretrained=resolve_pretrained("gemma-3-270m"), device="cpu", batch_size=3)
     expected = run(hf)
     del hf
-    lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=3)
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="none", batch_size=3)
     lm.set_vector(_vector_file(tmp_path / "zero.safetensors", lm, torch.zeros(lm.patcher.adapter.hidden_size), 6))
     assert run(lm) == expected
 
@@ -198,7 +198,7 @@ def test_a_float32_vector_patches_the_bfloat16_model_inside_stock_lm_eval():
     few equal the unpatched bfloat16 answers."""
     acc16, patched16, out = _relation_run("pretrained=gemma-3-270m,vector=antonym,dtype=bfloat16")
     acc32, patched32, _ = _relation_run("pretrained=gemma-3-270m,vector=antonym,dtype=float32")
-    acc_plain, plain16, _ = _relation_run("pretrained=gemma-3-270m,dtype=bfloat16")
+    acc_plain, plain16, _ = _relation_run("pretrained=gemma-3-270m,vector=none,dtype=bfloat16")
     assert out["config"]["ffv_vector"]["relation"] == "antonym"
     assert out["config"]["model_dtype"] == "torch.bfloat16"
     same_as_float32 = sum(a == b for a, b in zip(patched16, patched32))
@@ -216,7 +216,7 @@ def test_the_response_cache_keeps_differently_patched_runs_apart(tmp_path):
     from ffv_eval import VECTORS_DIR
     from ffv_eval.harness.model import FFVPatchedLM
 
-    lm = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=4)
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="none", batch_size=4)
     shipped = load_vector(VECTORS_DIR / "gemma-3-270m" / "ffv" / "antonym.safetensors")
     antonym = _vector_file(tmp_path / "antonym.safetensors", lm, shipped.vector, shipped.metadata["layer"])
     calls = []

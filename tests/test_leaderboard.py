@@ -1,6 +1,8 @@
 """`ffv leaderboard` on real lm-eval results files: one run of the stock `lm_eval` command line
-(Gemma 3 270M with the shipped antonym FFV) and `ffv leaderboard --run` adding the unpatched and
-2-shot runs (reusing the FFV one), all with --limit 5; the HTML page in headless Chromium."""
+(Gemma 3 270M with the shipped antonym FFV, --log_samples) and `ffv leaderboard --run` adding the
+unpatched and 2-shot runs (reusing the FFV one), all with --limit 5; the HTML page in headless
+Chromium. The paired gains over unpatched also on written results and samples files of analogy
+tasks (three metrics each), with and without samples."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import pytest
 from ffv_eval.reports import leaderboard_render
 from ffv_eval.reports.leaderboard_render import COMPOSITE_RELATION, format_markdown, vector_rows, write_csv, write_leaderboard
 from ffv_eval.reports.leaderboard_results import (PROJECT_DATA, LeaderboardError, build_leaderboard, condition_name,
-                                                  primary_metric)
-from ffv_eval.reports.leaderboard_runs import expand_tasks, plan_runs, plan_tasks, runs_to_do
+                                                  primary_metric, samples_file)
+from ffv_eval.reports.leaderboard_runs import expand_tasks, plan_runs, plan_tasks, planned_vector, runs_to_do
+from ffv_eval.reports.paired import MCNEMAR, WILCOXON, paired_gain
 
 # Debian names it chromium, Ubuntu chromium-browser; Google's build is google-chrome
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -52,7 +55,8 @@ def real_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("leaderboard")
     results_dir = base / "results"
     _run([sys.executable, "-m", "lm_eval", "--model", "ffv-patched", "--model_args",
-          f"pretrained={MODEL},vector=antonym", "--tasks", TASK, "--limit", "5", "--output_path", str(results_dir)], base)
+          f"pretrained={MODEL},vector=antonym", "--tasks", TASK, "--limit", "5", "--output_path", str(results_dir),
+          "--log_samples"], base)
     cli_files = _results_files(results_dir)
     assert len(cli_files) == 1
     ffv_leaderboard = [sys.executable, "-m", "ffv_eval.cli", "leaderboard", str(results_dir), *RUN_ARGS]
@@ -84,6 +88,12 @@ def test_run_writes_the_missing_runs_in_lm_evals_layout_and_reuses_the_cli_run(r
     assert len(files) == 3
     assert {p.parent.name for p in files} == {MODEL}  # lm_eval --output_path DIR -> DIR/<model>/results_<date>.json
     assert real_runs["cli_file"] in files and files[real_runs["cli_file"]] == real_runs["after_second"][real_runs["cli_file"]]
+    for path in files:  # each run's per-question samples beside its results, same date
+        samples = samples_file(path, TASK)
+        assert samples is not None and samples.name == f"samples_{TASK}_{path.stem.removeprefix('results_')}.jsonl"
+        assert sorted(json.loads(line)["doc_id"] for line in samples.read_text().splitlines()) == [0, 1, 2, 3, 4]
+    unpatched = json.loads(_file_of(real_runs["dir"], "unpatched").read_text())["config"]["model_args"]
+    assert "vector=none" in str(unpatched) or (isinstance(unpatched, dict) and unpatched.get("vector") == "none")
 
 
 def test_second_run_reuses_everything(real_runs):
@@ -140,6 +150,22 @@ def test_markdown_and_csv_hold_the_jsons_numbers(real_runs):
     ffv_row = next(r for r in rows if r["condition"] == "ffv")
     assert (ffv_row["vector_kind"], ffv_row["vector_relation"]) == ("ffv", "antonym")
     assert ffv_row["patch_layer"] == str(by_condition["ffv"]["config"]["ffv_vector"]["patch_layer"])
+    assert float(ffv_row["gain"]) == pytest.approx(gain) and ffv_row["gain_test"] == MCNEMAR and ffv_row["gain_n"] == "5"
+
+
+def test_the_real_runs_gain_is_paired_over_their_questions(real_runs):
+    """The FFV run against the unpatched one, question by question from the two samples files."""
+    outcomes = {}
+    for condition in ("ffv", "unpatched"):
+        samples = samples_file(_file_of(real_runs["dir"], condition), TASK)
+        outcomes[condition] = {line["doc_id"]: line["exact_match"] for line in map(json.loads, samples.read_text().splitlines())}
+    expected = paired_gain([outcomes["ffv"][i] for i in range(5)], [outcomes["unpatched"][i] for i in range(5)])
+    row = next(r for r in build_leaderboard([real_runs["dir"]]).paired_gains if r.patched.condition == "ffv")
+    assert row.paired == expected and row.metric == "exact_match" and row.paired.n == 5
+    low, high = expected.ci95
+    assert (f"| {MODEL} | {TASK} | exact_match | ffv | {row.unpatched.value:.3f} | {row.patched.value:.3f} | "
+            f"{expected.mean_gain:+.3f} | [{low:+.3f}, {high:+.3f}] | {MCNEMAR} | {expected.p_value:.3g} | 5 |"
+            ) in (real_runs["base"] / "board.md").read_text()
 
 
 # -- mixing, duplicates, model names --------------------------------------------------------
@@ -274,11 +300,14 @@ def test_run_plan_refuses_what_cannot_run_before_running():
 
 # -- reuse only of runs that would score the same -------------------------------------------
 
-def _reuse_decision(real_runs, tmp_path, edit, limit=5, fingerprint=None) -> tuple[list, str]:
-    """runs_to_do for the FFV cell against a results directory holding only the real FFV run,
-    edited; the model's fingerprint is the recorded one unless given."""
+def _reuse_decision(real_runs, tmp_path, edit, limit=5, fingerprint=None, samples=True) -> tuple[list, str]:
+    """runs_to_do for the FFV cell against a results directory holding only the real FFV run
+    (with its samples file unless told not), edited; the model's fingerprint is the recorded
+    one unless given."""
     source = _file_of(real_runs["dir"], "ffv")
     copy = _copy_edited(source, tmp_path / "results" / MODEL / source.name, edit)
+    if samples:
+        shutil.copy(samples_file(source, TASK), copy.parent)
     recorded = json.loads(source.read_text())["config"]["model_fingerprint"]
     lines: list[str] = []
     todo = runs_to_do(plan_runs([MODEL], [TASK], ["ffv"]), plan_tasks([TASK]), copy.parent.parent, limit,
@@ -323,6 +352,11 @@ def test_a_cell_that_differs_is_rerun(real_runs, tmp_path, edit, reason):
     todo, log = _reuse_decision(real_runs, tmp_path, edit)
     assert [(r.tasks, r.labels, r.vector) for r in todo] == [((TASK,), ("ffv",), "ffv:*")]
     assert f"rerunning {MODEL} / ffv / {TASK}" in log and reason in log, log
+
+
+def test_a_cell_without_samples_is_rerun(real_runs, tmp_path):
+    todo, log = _reuse_decision(real_runs, tmp_path, lambda d: None, samples=False)
+    assert len(todo) == 1 and "per-question samples: none in the results, logged now" in log, log
 
 
 def test_another_model_or_limit_is_rerun(real_runs, tmp_path):
@@ -373,11 +407,11 @@ def test_a_failing_writer_leaves_no_partial_file(real_runs, tmp_path, monkeypatc
     target.write_text("previous leaderboard\n")
     real_row, calls = leaderboard_render.csv_row, []
 
-    def fails_on_second_row(entry):
-        calls.append(entry)
+    def fails_on_second_row(*args):
+        calls.append(args)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real_row(entry)
+        return real_row(*args)
 
     monkeypatch.setattr(leaderboard_render, "csv_row", fails_on_second_row)
     with pytest.raises(OSError, match="disk full"):
@@ -470,3 +504,137 @@ def test_a_composite_run_names_its_relation_as_per_question(real_runs, tmp_path)
     board = build_leaderboard([tmp_path])
     assert [e.condition for e in board.entries] == ["cfv"]
     assert vector_rows(board)[0][4] == COMPOSITE_RELATION
+
+
+# -- paired gains of the analogy tasks, from written results and samples files -----------------
+
+MC_TASK, COMPLETION_TASK = "u2_analogy", "analogy_completion_semeval"
+METRICS = {MC_TASK: ("acc", "acc_norm", "acc_d"), COMPLETION_TASK: ("top_answer", "human_share", "repeats_abc")}
+LOWER_IS_BETTER = {"repeats_abc"}
+
+
+def _outcomes(seed: int, n: int) -> dict[str, dict[str, list[float]]]:
+    """Per task and metric, n questions' values: 0/1, human_share a share."""
+    rng = __import__("random").Random(seed)
+    return {task: {m: [round(rng.random(), 2) if m == "human_share" else float(rng.random() < 0.5) for _ in range(n)]
+                   for m in metrics} for task, metrics in METRICS.items()}
+
+
+def _write_run(directory: Path, date: str, vector: dict | None, outcomes: dict, samples: bool = True,
+               order=None) -> Path:
+    """A results file as lm-eval writes it (the aggregates are the means of the per-question
+    values) and, unless told not, a samples file per task, lines in the given doc order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    results = {task: {"alias": task, **{f"{m},none": sum(v) / len(v) for m, v in metrics.items()},
+                      **{f"{m}_stderr,none": 0.05 for m in metrics}} for task, metrics in outcomes.items()}
+    data = {"results": results, "versions": {t: 2.0 for t in outcomes}, "n-shot": {t: 0 for t in outcomes},
+            "higher_is_better": {t: {m: m not in LOWER_IS_BETTER for m in METRICS[t]} for t in outcomes},
+            "config": {"model": "ffv-patched", "model_args": f"pretrained={MODEL},vector={'none' if vector is None else vector['kind']}",
+                       "ffv_model": MODEL, "ffv_vector": vector, "model_fingerprint": "f" * 16},
+            "configs": {t: {"metadata": {"data_source": "data_dir", "data_dir": "/data"}} for t in outcomes},
+            "lm_eval_version": "0.4.13", "date": float(len(list(directory.iterdir())))}
+    path = directory / f"results_{date}.json"
+    path.write_text(json.dumps(data))
+    for task, metrics in outcomes.items() if samples else ():
+        n = len(next(iter(metrics.values())))
+        lines = [{"doc_id": i, "doc": {"a": f"a{i}"}, "filter": "none", "doc_hash": f"hash-{task}-{i}",
+                  **{m: v[i] for m, v in metrics.items()}} for i in range(n)]
+        lines += [{**line, "filter": "other", **{m: 0.0 for m in metrics}} for line in lines]  # another filter: not read
+        ordered = [lines[i] for i in (order or range(len(lines)))]
+        (directory / f"samples_{task}_{date}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in ordered))
+    return path
+
+
+CFV_RECORD = {"kind": "cfv", "relation": None, "path": "/basis", "sha256": "b" * 64, "patch_layer": 6, "layer": 6,
+              "patch_scale": 1.0}
+AUTO_RECORD = {"kind": "auto", "relation": None, "path": "per task", "patch_scale": 1.0,
+               "per_task": {MC_TASK: CFV_RECORD, COMPLETION_TASK: CFV_RECORD}}
+
+
+def _analogy_runs(tmp_path: Path, n: int = 40) -> tuple[Path, dict]:
+    outcomes = {"unpatched": _outcomes(1, n), "cfv": _outcomes(2, n), "auto": _outcomes(3, n)}
+    directory = tmp_path / "results" / MODEL
+    shuffled = list(reversed(range(2 * n)))
+    _write_run(directory, "2026-01-01T00-00-00", None, outcomes["unpatched"])
+    _write_run(directory, "2026-01-02T00-00-00", CFV_RECORD, outcomes["cfv"], order=shuffled)
+    _write_run(directory, "2026-01-03T00-00-00", AUTO_RECORD, outcomes["auto"])
+    return tmp_path / "results", outcomes
+
+
+def test_paired_gains_per_metric_of_the_analogy_tasks(tmp_path):
+    results, outcomes = _analogy_runs(tmp_path)
+    board = build_leaderboard([results])
+    assert board.conditions == ["unpatched", "cfv", "auto"]
+    rows = {(r.patched.condition, r.patched.task, r.metric): r for r in board.paired_gains}
+    assert set(rows) == {(c, t, m) for c in ("cfv", "auto") for t, ms in METRICS.items() for m in ms}
+    for (condition, task, metric), row in rows.items():
+        treated, base = outcomes[condition][task][metric], outcomes["unpatched"][task][metric]
+        assert row.paired == paired_gain(treated, base)  # matched on doc_id, whatever the line order
+        assert row.paired.test == (WILCOXON if metric == "human_share" else MCNEMAR)
+        assert row.gain == pytest.approx(row.patched.scores[metric] - row.unpatched.scores[metric])  # = the aggregates
+        if row.paired.test == MCNEMAR:
+            b = sum(1 for t, u in zip(treated, base) if u == 1 and t == 0)
+            c = sum(1 for t, u in zip(treated, base) if u == 0 and t == 1)
+            assert row.paired.discordant == (b, c)
+    markdown = format_markdown(board)
+    acc = rows[("auto", MC_TASK, "acc_d")].paired
+    assert (f"| {MODEL} | {MC_TASK} | acc_d | auto | {rows[('auto', MC_TASK, 'acc_d')].unpatched.scores['acc_d']:.3f} | "
+            f"{rows[('auto', MC_TASK, 'acc_d')].patched.scores['acc_d']:.3f} | {acc.mean_gain:+.3f} | "
+            f"[{acc.ci95[0]:+.3f}, {acc.ci95[1]:+.3f}] | {MCNEMAR} | {acc.p_value:.3g} | 40 |") in markdown
+    assert f"| {COMPLETION_TASK} | repeats_abc (lower is better) | cfv |" in markdown
+    assert "## Gain over unpatched, paired over the same questions" in markdown
+
+    write_csv(board, tmp_path / "board.csv")
+    csv_rows = list(csv.DictReader((tmp_path / "board.csv").open(encoding="utf-8")))
+    assert len(csv_rows) == 3 * 2 * 3  # conditions x tasks x metrics
+    human = next(r for r in csv_rows if (r["condition"], r["task"], r["metric"]) == ("cfv", COMPLETION_TASK, "human_share"))
+    paired = rows[("cfv", COMPLETION_TASK, "human_share")].paired
+    assert (float(human["gain"]), float(human["gain_ci95_low"]), float(human["gain_ci95_high"]), float(human["gain_p"])) == (
+        paired.mean_gain, *paired.ci95, paired.p_value)
+    assert human["gain_test"] == WILCOXON and human["gain_n"] == "40" and human["primary"] == "False"
+    repeats = next(r for r in csv_rows if (r["condition"], r["task"], r["metric"]) == ("auto", COMPLETION_TASK, "repeats_abc"))
+    assert repeats["higher_is_better"] == "False" and repeats["gain_discordant"] == "/".join(
+        map(str, rows[("auto", COMPLETION_TASK, "repeats_abc")].paired.discordant))
+    assert all(r["gain"] == "" for r in csv_rows if r["condition"] == "unpatched")
+
+    html = leaderboard_render.render_html(board)
+    table = re.search(r'<table id="paired-gains">.*?</table>', html, re.S).group(0)
+    assert table.count("<tr>") == 1 + len(rows) and f"[{acc.ci95[0]:+.3f}, {acc.ci95[1]:+.3f}]" in table
+
+
+def test_the_auto_condition_and_its_vectors(tmp_path):
+    results, _ = _analogy_runs(tmp_path)
+    board = build_leaderboard([results])
+    auto = [row for row in vector_rows(board) if row[1] == "auto"]
+    assert [row[3:5] for row in auto] == [["auto (cfv)", COMPOSITE_RELATION]] * 2
+    runs = plan_runs([MODEL], [TASK, MC_TASK], ["unpatched", "auto"])
+    assert (runs[0].vector, runs[1].vector, runs[1].labels) == (None, "auto", ("auto", "auto"))
+    # vector=auto gives relation_<name> its FFV and an analogy task a CFV per question
+    ffv = plan_runs([MODEL], [TASK], ["ffv"])[0]
+    cfv = plan_runs([MODEL], [MC_TASK], ["cfv"])[0]
+    assert planned_vector(MODEL, runs[1], TASK) == planned_vector(MODEL, ffv, TASK) != None  # noqa: E711
+    assert planned_vector(MODEL, runs[1], MC_TASK) == planned_vector(MODEL, cfv, MC_TASK)
+    with pytest.raises(LeaderboardError, match="no shipped vector for: .*no-such-model/ffv/antonym.safetensors"):
+        plan_runs(["no-such-model"], [TASK, MC_TASK], ["auto"])
+
+
+def test_missing_or_unmatched_samples_are_said_in_the_row(tmp_path):
+    results, outcomes = _analogy_runs(tmp_path)
+    directory = results / MODEL
+    (directory / f"samples_{MC_TASK}_2026-01-02T00-00-00.jsonl").unlink()  # the cfv run's MC samples
+    shorter = {t: {m: v[:30] for m, v in ms.items()} for t, ms in outcomes["auto"].items()}  # auto rerun with --limit 30
+    _write_run(directory, "2026-01-04T00-00-00", AUTO_RECORD, shorter)
+    (directory / f"samples_{MC_TASK}_2025-12-31T00-00-00.jsonl").write_text("{}\n")  # another date: not this run's
+    board = build_leaderboard([results])
+    rows = {(r.patched.condition, r.patched.task, r.metric): r for r in board.paired_gains}
+    missing = rows[("cfv", MC_TASK, "acc")]
+    assert missing.paired is None and "results_2026-01-02T00-00-00.json (patched)" in missing.note
+    assert "rerun with --log_samples" in missing.note
+    assert missing.gain == pytest.approx(missing.patched.scores["acc"] - missing.unpatched.scores["acc"])
+    unmatched = rows[("auto", MC_TASK, "acc")]
+    assert unmatched.paired is None and "not over the same questions" in unmatched.note
+    assert "10 only in unpatched" in unmatched.note
+    assert rows[("cfv", COMPLETION_TASK, "top_answer")].paired is not None  # its samples are there
+    markdown = format_markdown(board)
+    line = next(l for l in markdown.splitlines() if l.startswith(f"| {MODEL} | {MC_TASK} | acc | cfv |"))
+    assert "no per-question samples" in line and line.endswith("|  |  |  |")  # no test, p or n

@@ -65,7 +65,7 @@ def test_device_map_placement_with_disk_offload_scores_like_one_device(tmp_path)
     args = dict(pretrained="gemma-3-270m", vector="antonym", layer=12, batch_size=4)
     whole = FFVPatchedLM(**args)
     expected_ll, expected_gen, fingerprint = whole.loglikelihood(ll), whole.generate_until(gen), whole.fingerprint
-    plain = FFVPatchedLM(pretrained="gemma-3-270m", batch_size=4).loglikelihood(ll)
+    plain = FFVPatchedLM(pretrained="gemma-3-270m", vector="none", batch_size=4).loglikelihood(ll)
     del whole
     placed = FFVPatchedLM(**args, parallelize=True, max_cpu_memory="900MB", offload_folder=str(tmp_path / "offload"))
     where = placed.model.hf_device_map

@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+
 from ffv_eval.errors import FFVError
 from ffv_eval.files.json_lines import json_line_objects
 from ffv_eval.data.relations import data_dir_from_env, no_data_dir_message
@@ -330,25 +332,46 @@ def _starts_with(generation: str, answer: str) -> bool:
     return n > 0 and first_words(generation.lower(), n) == answer.split()
 
 
-def completion_scores(generation: str, answers: list[str], counts: list[int]) -> dict[str, float]:
+def completion_scores(generation: str, answers: list[str], counts: list[int], prompt_words: tuple[str, ...] = ()) -> dict[str, float]:
     """top_answer: the generation's first word(s) equal the most frequent answer (answers are
     ranked, ties alphabetical). human_share: share of people (skips excluded) whose answer the
-    generation starts with (for one-word answers: who gave the model's first word)."""
+    generation starts with (for one-word answers: who gave the model's first word).
+    repeats_abc: the generation starts with a word of the prompt (A, B or C) that no one gave."""
+    repeats = float(any(_starts_with(generation, w.lower()) and w.lower() not in answers for w in prompt_words))
     total = sum(counts)
     if not answers or total == 0:
-        return {"top_answer": 0.0, "human_share": 0.0}
+        return {"top_answer": 0.0, "human_share": 0.0, "repeats_abc": repeats}
     share = sum(n for answer, n in zip(answers, counts) if _starts_with(generation, answer))
-    return {"top_answer": float(_starts_with(generation, answers[0])), "human_share": share / total}
+    return {"top_answer": float(_starts_with(generation, answers[0])), "human_share": share / total, "repeats_abc": repeats}
 
 
 def process_completion_results(doc: dict, results: list[str]) -> dict[str, float]:
-    return completion_scores(results[0], doc["answers"], doc["counts"])
+    return completion_scores(results[0], doc["answers"], doc["counts"], (doc["a"], doc["b"], doc["c"]))
 
 
 # -- prompt templates (doc_to_choice hooks) ------------------------------------------------------
 def one_shot_choices(doc: dict) -> list[str]:
-    """Continuations of the one-shot function-vector template after "Q: {a}\\nA: {b}\\n\\n"."""
-    return [f"Q: {c}\nA: {d}" for c, d in doc["choices"]]
+    """Continuations of the one-shot function-vector template after "Q: {a}\\nA: {b}\\n\\n": each
+    choice "Q: {c}\\nA: {d}", then each choice's C part alone, "Q: {c}\\nA:", so that
+    process_choice_results can score D's tokens given C (acc_d)."""
+    return [f"Q: {c}\nA: {d}" for c, d in doc["choices"]] + [f"Q: {c}\nA:" for c, _ in doc["choices"]]
+
+
+def process_choice_results(doc: dict, results) -> dict[str, float]:
+    """acc and acc_norm as lm-eval computes them for multiple choice, over the whole
+    continuations "Q: C\\nA: D" (acc_norm divides each log-likelihood by the continuation's
+    length in characters), and acc_d: the choice whose D is most likely given its own C, log P(Q:
+    C\\nA: D) - log P(Q: C\\nA:), the part a vector added where D starts can change."""
+    n = len(doc["choices"])
+    if len(results) != 2 * n:
+        raise AnalogyDataError(f"{len(results)} scores for a question with {n} choices; expected {2 * n} "
+                               f"(each choice, then its C part; see one_shot_choices)")
+    whole = np.array([float(r[0]) for r in results[:n]])
+    c_part = np.array([float(r[0]) for r in results[n:]])
+    lengths = np.array([float(len(text)) for text in one_shot_choices(doc)[:n]])
+    answer = int(doc["answer"])
+    return {"acc": float(np.argmax(whole) == answer), "acc_norm": float(np.argmax(whole / lengths) == answer),
+            "acc_d": float(np.argmax(whole - c_part) == answer)}
 
 
 def plain_choices(doc: dict) -> list[str]:

@@ -40,9 +40,9 @@ from ffv_eval.data.analogies import (
     QUESTIONS_SUBDIR,
     UCLA_VAT_FILE,
     AnalogyDataError,
-    ranked_responses,
     read_analogy_completion,
     read_analogy_questions,
+    ranked_responses,
     read_ucla_vat,
 )
 from ffv_eval.data.relations import (
@@ -355,7 +355,7 @@ def basis_relations(
     data_dir: str | os.PathLike | None,
     sources=SOURCES,
     min_pairs: int = 12,
-    max_pairs: int = 40,
+    max_pairs: int = 80,
     exclude: frozenset[tuple[str, str]] = frozenset(),
 ) -> list[BasisRelation]:
     """The basis relations of `sources` (in that order), each with min_pairs..max_pairs pairs.
@@ -387,11 +387,11 @@ def basis_relations(
 
 # -- pairs of the analogy test sets ----------------------------------------------------------------
 def analogy_test_pairs(data_dir: str | os.PathLike | None) -> frozenset[tuple[str, str]]:
-    """Lower-cased word pairs of the analogy test sets present in the data directory: stem (a, b)
-    and correct answer (c, d) of analogy_questions/*/test.jsonl, (A, B) and (C, D) of
-    ucla_vat/UCLA_VAT.csv, (a, b) and (c, top answer) of analogy_completion/*.jsonl (every answer
-    tied for most frequent). Sets that are absent are skipped; a missing data directory is an
-    error."""
+    """Every lower-cased word pair of the analogy test sets present in the data directory, in
+    both orders: the stem (a, b) and every choice (c, d) of analogy_questions/*/test.jsonl,
+    (A, B), (C, D) and (C, D') of ucla_vat/UCLA_VAT.csv, (a, b) and (c, answer) for every answer
+    people gave in analogy_completion/*.jsonl (as ranked_responses reads them: no skips). Sets that are absent are skipped; a missing data
+    directory is an error."""
     root = data_dir_from_env(data_dir)
     if root is None:
         raise RelationDataError("analogy test pairs: no data directory given; set FFV_DATA_DIR=<dir> or pass data_dir")
@@ -401,25 +401,27 @@ def analogy_test_pairs(data_dir: str | os.PathLike | None) -> frozenset[tuple[st
     pairs: set[tuple[str, str]] = set()
 
     def add(a: str, b: str) -> None:
+        # Both orders: a basis relation trained on (b, a) has seen the test pair too.
         pairs.add((a.strip().lower(), b.strip().lower()))
+        pairs.add((b.strip().lower(), a.strip().lower()))
 
     try:
         for path in sorted((root / QUESTIONS_SUBDIR).glob("*/test.jsonl")):
             for q in read_analogy_questions(path):
                 add(*q["stem"])
-                add(*q["choice"][q["answer"]])
+                for choice in q["choice"]:
+                    add(*choice)
         ucla = root / UCLA_VAT_FILE
         if ucla.is_file():
             for p in read_ucla_vat(ucla):
                 add(p["a"], p["b"])
                 add(p["c"], p["d"])
+                add(p["c"], p["d_prime"])
         for path in sorted((root / COMPLETION_SUBDIR).glob("*.jsonl")):
             for p in read_analogy_completion(path):
                 add(p["a"], p["b"])
-                ranked = ranked_responses(p["responses"])
-                for answer, count in ranked:
-                    if count == ranked[0][1]:
-                        add(p["c"], answer)
+                for answer, _ in ranked_responses(p["responses"]):
+                    add(p["c"], answer)
     except AnalogyDataError as err:
         raise RelationDataError(str(err)) from err
     return frozenset(pairs)

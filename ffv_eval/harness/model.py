@@ -2,10 +2,13 @@
 added to the residual stream at the last context token of every request, through nnsight.
 
 model_args: pretrained= (an embedded alias such as gemma-3-270m, a hub id or a local path),
-vector= (a shipped name such as antonym / fv:antonym, a .safetensors file, `ffv:*` / `fv:*`: each
-relation_<name> task with that relation's own shipped vector, or `cfv`: a composite vector built
-per question from its source pair A:B), basis= (for cfv: the basis directory,
-default $FFV_CACHE_DIR/basis/<model>), layer= (default: the vector's own), scale= (default 1).
+vector= (default `auto`: each relation_<name> task with that relation's shipped FFV and each
+analogy question with its own composite vector; `none`: unpatched, equal to `--model hf`; a
+shipped name such as antonym / fv:antonym; a .safetensors file; `ffv:*` / `fv:*`: each
+relation_<name> task with that relation's own shipped vector; `cfv`: a composite vector built
+per question from its source pair A:B), basis= (for cfv and auto: the basis directory, default
+the model's own in ./vectors or the shipped library), layer= (default: the vector's own),
+scale= (default 1). The results record which vector each task got (config.ffv_vector).
 Every HFLM argument works as in `--model hf` (device, dtype, parallelize, batch_size=auto,
 softmax_dtype, mixed_precision_dtype, logits_cache, revision, trust_remote_code, ...).
 
@@ -34,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from lm_eval.api.registry import register_model
@@ -52,6 +54,7 @@ from ffv_eval.vectors.function_vectors import without_right_padding
 from ffv_eval.vectors.store import KINDS, StoredVector, VectorNameError, check_compatible, find_vectors
 
 COMPOSITE = "cfv"
+AUTO = "auto"  # the default: per task, the vector that fits it (see _task_vector)
 PER_TASK = ":*"  # vector=ffv:* -> each relation_<name> task with its own shipped ffv
 CONFIG_ARGS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "token")  # how HFLM finds the config
 HFLM_PAD_ID = 0  # HFLM pads its log-likelihood rows on the right with token 0
@@ -80,12 +83,12 @@ class RowPlan:
 
 @register_model("ffv-patched")
 class FFVPatchedLM(HFLM):
-    def __init__(self, pretrained=DEFAULT_MODEL, vector=None, layer=None, scale=1.0, basis=None, **kwargs):
+    def __init__(self, pretrained=DEFAULT_MODEL, vector=AUTO, layer=None, scale=1.0, basis=None, **kwargs):
         # Everything about the vector is checked before the weights are loaded.
         vector = None if vector in (None, "", "none") else str(vector)
         if vector is not None and vector.endswith(PER_TASK) and vector[: -len(PER_TASK)] not in KINDS:
             raise VectorNameError(f"vector={vector}: unknown kind '{vector[: -len(PER_TASK)]}' (known: {', '.join(KINDS)})")
-        candidates = find_vectors(vector) if vector not in (None, COMPOSITE) and not vector.endswith(PER_TASK) else []
+        candidates = find_vectors(vector) if vector not in (None, COMPOSITE, AUTO) and not vector.endswith(PER_TASK) else []
         if candidates:
             if isinstance(pretrained, str):
                 config = text_config(pretrained, **{k: kwargs[k] for k in CONFIG_ARGS if kwargs.get(k) not in (None, "")})
@@ -112,8 +115,12 @@ class FFVPatchedLM(HFLM):
         self.per_task_kind: str | None = None
         self.per_task_vectors: dict[str, dict] = {}
         self.patch_scale = float(scale)
+        self.basis_dir = basis
+        self._task_map = None  # vector=auto: the model's composite map, loaded when a task needs it
         if vector == COMPOSITE:
             self.set_composite(basis, scale)
+        elif vector == AUTO:
+            self.per_task_kind = AUTO
         elif vector is not None and vector.endswith(PER_TASK):
             self.per_task_kind = vector[: -len(PER_TASK)]
         elif candidates:
@@ -158,19 +165,19 @@ class FFVPatchedLM(HFLM):
     def set_composite(self, basis=None, scale=1.0) -> None:
         """Use composite vectors from the fitted map in `basis` (default: the model's basis
         directory): each request's own CFV, built from its document's source pair A:B."""
-        from ffv_eval.vectors.basis import default_basis_dir
-        from ffv_eval.vectors.composite import CompositeVectors, load_composite_map
+        from ffv_eval.vectors.composite import CompositeVectors, model_composite_map
 
-        directory = Path(basis) if basis else default_basis_dir(self.model_alias)
-        cmap = load_composite_map(directory, self.fingerprint)
-        self.stored_vector = self.patch_vector = None
         self.per_task_kind = None
-        self.composite = CompositeVectors(self.patcher, self.tokenizer, cmap)
-        self.patch_layer = cmap.basis.layer
         self.patch_scale = float(scale)
+        self._use_composite(CompositeVectors(self.patcher, self.tokenizer, model_composite_map(self.model_alias, self.fingerprint, basis)))
         self._separate_cache()
-        show_progress(f"[ffv] patching composite vectors from {directory} ({len(cmap.basis.names)} basis relations) "
-                      f"after block {self.patch_layer} x{self.patch_scale:g}")
+
+    def _use_composite(self, composite) -> None:
+        self.stored_vector = self.patch_vector = None
+        self.composite = composite
+        self.patch_layer = composite.cmap.basis.layer
+        show_progress(f"[ffv] patching composite vectors from {composite.cmap.basis.directory} ({len(composite.cmap.basis.names)} "
+                      f"basis relations, {composite.cmap.posterior_kind} posterior) after block {self.patch_layer} x{self.patch_scale:g}")
 
     def get_model_info(self) -> dict:
         info = {
@@ -179,35 +186,41 @@ class FFVPatchedLM(HFLM):
             "model_fingerprint": self.fingerprint,
             "ffv_model": self.model_alias,
         }
+        if self.per_task_kind is not None:
+            where = "per task" if self.per_task_kind == AUTO else f"vectors/<model>/{self.per_task_kind}/<relation>.safetensors"
+            info["ffv_vector"] = {"kind": self.per_task_kind, "relation": None, "per_task": self.per_task_vectors,
+                                  "path": where, "patch_scale": self.patch_scale}
+        else:
+            info["ffv_vector"] = self._vector_record()
+        return info
+
+    def _vector_record(self) -> dict | None:
+        """What the results say about the vector in use (None: unpatched)."""
         if self.stored_vector is not None:
             meta = self.stored_vector.metadata
-            info["ffv_vector"] = {
+            return {
                 "path": str(self.stored_vector.path),
                 "sha256": vector_sha256(self.stored_vector.path),
                 "patch_layer": self.patch_layer,
                 "patch_scale": self.patch_scale,
                 **{k: meta[k] for k in ("kind", "relation", "model", "model_fingerprint", "layer", "scale", "heads", "data", "seed", "metrics") if k in meta},
             }
-        elif self.composite is not None:
-            meta = self.composite.cmap.metadata
-            info["ffv_vector"] = {
+        if self.composite is not None:
+            cmap = self.composite.cmap
+            return {
                 "kind": COMPOSITE,
-                "path": str(self.composite.cmap.basis.directory),
-                "sha256": vector_sha256(self.composite.cmap.basis.directory),
+                "path": str(cmap.basis.directory),
+                "sha256": vector_sha256(cmap.basis.directory),
                 "relation": None,
                 "composition": "per question, from its source pair",
                 "patch_layer": self.patch_layer,
                 "patch_scale": self.patch_scale,
                 "layer": self.patch_layer,
-                "n_basis": len(self.composite.cmap.basis.names),
-                **{k: meta[k] for k in ("model", "model_fingerprint", "temperature", "settings", "metrics") if k in meta},
+                "n_basis": len(cmap.basis.names),
+                "posterior": cmap.posterior_kind,
+                **{k: cmap.metadata[k] for k in ("model", "model_fingerprint", "temperature", "settings", "metrics") if k in cmap.metadata},
             }
-        elif self.per_task_kind is not None:
-            info["ffv_vector"] = {"kind": self.per_task_kind, "relation": None, "per_task": self.per_task_vectors,
-                                  "path": f"vectors/<model>/{self.per_task_kind}/<relation>.safetensors", "patch_scale": self.patch_scale}
-        else:
-            info["ffv_vector"] = None
-        return info
+        return None
 
     # -- lm-eval's response cache (--use_cache) ---------------------------------------------
     def set_cache_hook(self, cache_hook) -> None:
@@ -253,10 +266,14 @@ class FFVPatchedLM(HFLM):
     # -- per-request plans: which vector, and where -----------------------------------------
     def _request_plan(self, instance, vector: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
         """(vector, answer word): the answer word is D of a multiple-choice analogy document,
-        else None (patch at the last context token)."""
+        else None (patch at the last context token). An analogy document's requests past its
+        choices score each choice's C part alone (`Q: C\nA:`, for acc_d): the vector would go
+        after their last token, where it changes none of their scores, so they run unpatched."""
         doc, answer = instance.doc if isinstance(instance.doc, dict) else {}, None
         choices = doc.get("choices")
         if isinstance(choices, list) and choices and all(isinstance(c, (list, tuple)) and len(c) == 2 for c in choices):
+            if instance.idx >= len(choices):
+                return None, None
             answer = str(choices[instance.idx][1])
         return vector, answer
 
@@ -274,25 +291,49 @@ class FFVPatchedLM(HFLM):
         vectors = {stem: self.composite.vector(*stem) * self.patch_scale for stem in where}
         return [vectors[stem] for stem in stems]
 
+    def _task_vector(self, task: str, requests) -> str:
+        """The vector spec a task gets under vector=<kind>:* (relation_<name> tasks: that
+        relation's <kind>) or vector=auto (relation_<name> tasks: the relation's FFV; tasks whose
+        documents all have a source pair a:b, the analogy tasks: cfv, per question)."""
+        task = str(task)
+        kind = "ffv" if self.per_task_kind == AUTO else self.per_task_kind
+        if task.startswith("relation_"):
+            return f"{kind}:{task.removeprefix('relation_')}"
+        if self.per_task_kind != AUTO:
+            raise VectorTaskMismatch(f"vector={self.per_task_kind}:* patches each relation_<name> task with that "
+                                     f"relation's {self.per_task_kind}; task {task} is not one")
+        if all(isinstance(r.doc, dict) and all(isinstance(r.doc.get(k), str) for k in ("a", "b")) for r in requests):
+            return COMPOSITE
+        raise VectorTaskMismatch(
+            f"vector=auto: task {task} has no vector of its own: it is not a relation_<name> task (those get the "
+            f"relation's shipped ffv) and its documents have no source pair a:b (analogy tasks get a cfv per question). "
+            f"Vector kinds that fit it: a fixed vector (vector=<name> or vector=<file>.safetensors, kinds {', '.join(KINDS)}); "
+            f"vector=none runs it unpatched")
+
     def _per_task(self, requests, run) -> list:
-        """vector=<kind>:*: each relation_<name> task's requests with that relation's own vector."""
+        """vector=<kind>:* or auto: each task's requests with the vector _task_vector gives it
+        (every task checked before any runs); the results record each task's vector."""
+        from ffv_eval.vectors.composite import CompositeVectors, model_composite_map
+
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.task_name, []).append(i)
-        for task in groups:
-            if not str(task).startswith("relation_"):
-                raise VectorTaskMismatch(f"vector={self.per_task_kind}:* patches each relation_<name> task with that "
-                                         f"relation's {self.per_task_kind}; task {task} is not one")
+        specs = {task: self._task_vector(task, [requests[i] for i in indices]) for task, indices in groups.items()}
         results: list = [None] * len(requests)
         try:
             for task, indices in groups.items():
-                self._use_vector(f"{self.per_task_kind}:{task.removeprefix('relation_')}", None, self.patch_scale)
-                self.per_task_vectors[task] = {"path": str(self.stored_vector.path), "layer": self.patch_layer,
-                                               "sha256": vector_sha256(self.stored_vector.path)}
+                if specs[task] == COMPOSITE:
+                    if self._task_map is None:
+                        self._task_map = CompositeVectors(self.patcher, self.tokenizer,
+                                                          model_composite_map(self.model_alias, self.fingerprint, self.basis_dir))
+                    self._use_composite(self._task_map)
+                else:
+                    self._use_vector(specs[task], None, self.patch_scale)
+                self.per_task_vectors[task] = self._vector_record()
                 for i, result in zip(indices, run([requests[i] for i in indices])):
                     results[i] = result
         finally:
-            self.stored_vector = self.patch_vector = self.patch_layer = None
+            self.stored_vector = self.patch_vector = self.patch_layer = self.composite = None
         return results
 
     # -- the three request types: HFLM's own, with the vector planned per request ------------
@@ -313,18 +354,22 @@ class FFVPatchedLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         """HFLM's rolling windows; a fixed vector is added at each window's last context token."""
+        if self.per_task_kind:
+            return self._per_task(requests, lambda group: self._rolling_planned(group, disable_tqdm))
+        return self._rolling_planned(requests, disable_tqdm)
+
+    def _rolling_planned(self, requests, disable_tqdm: bool = False):
         if self.composite is not None:
             raise VectorTaskMismatch("vector=cfv builds each question's vector from its document's source pair; "
                                      "loglikelihood_rolling tasks (perplexity) have none: use a fixed vector")
-        if self.per_task_kind:
-            rolling = super().loglikelihood_rolling
-            return self._per_task(requests, lambda group: rolling(group, disable_tqdm=disable_tqdm))
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         if self.per_task_kind:
-            generate = super().generate_until
-            return self._per_task(requests, lambda group: generate(group, disable_tqdm=disable_tqdm))
+            return self._per_task(requests, lambda group: self._generate_planned(group, disable_tqdm))
+        return self._generate_planned(requests, disable_tqdm)
+
+    def _generate_planned(self, requests, disable_tqdm: bool = False):
         if self.composite is None:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         # One CFV per source pair: generate each pair's requests with its own vector.

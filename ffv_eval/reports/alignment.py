@@ -11,7 +11,16 @@ are correlated (Pearson).
   of the other pairs of its subcategory; Spearman against the gold prototypicality ratings within
   each subcategory, averaged over subcategories.
 
-Each figure has a percentile bootstrap interval (comparisons, or subcategories, resampled)."""
+Each figure has a percentile bootstrap interval (comparisons, or subcategories, resampled).
+
+Each further vector set is compared with the first (FFV with FV by default) as a paired test,
+through `paired`, on the same items: relsim, the difference of the two Spearman correlations
+over the same comparisons, with a paired bootstrap interval and a paired permutation test (the
+two sets' similarities swapped within comparisons; the figure is a correlation, not a mean of
+per-item outcomes, so neither McNemar nor Wilcoxon applies); SemEval-2012, the mean difference
+of the per-subcategory Spearman correlations over the same subcategories, with a paired
+bootstrap interval and the Wilcoxon signed-rank test (continuous values, so not McNemar).
+All statistics are scipy's."""
 
 from __future__ import annotations
 
@@ -22,7 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import stats
 
 from ffv_eval.files.atomic import atomic_write_text
 from ffv_eval.data.basis_sources import semeval_rated_subcategories
@@ -30,6 +41,7 @@ from ffv_eval.vectors.function_vectors import answer_scores
 from ffv_eval.models.patching import Patcher
 from ffv_eval.data.relations import RelationDataError, WordPair, data_dir_from_env
 from ffv_eval.progress import no_progress, show_progress
+from ffv_eval.reports.paired import RESAMPLES, paired_correlation_difference, paired_gain_by_key, signed_interval
 from ffv_eval.vectors.store import StoredVector
 
 RELSIM_FILE = Path("relsim") / "relsim_mean_ratings.csv"
@@ -65,38 +77,21 @@ def read_relsim(path: Path) -> list[Comparison]:
     return out
 
 
-# -- statistics ----------------------------------------------------------------------------------
-def _ranks(values: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share their mean rank)."""
-    order = values.argsort()
-    ranks = torch.empty_like(values, dtype=torch.float64)
-    sorted_values = values[order]
-    i = 0
-    n = len(values)
-    while i < n:
-        j = i
-        while j + 1 < n and sorted_values[j + 1] == sorted_values[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0
-        i = j + 1
-    return ranks
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    denominator = (x.norm() * y.norm()).item()
-    return float((x @ y).item() / denominator) if denominator > 0 else 0.0
-
-
+# -- statistics (scipy's) ------------------------------------------------------------------------
 def spearman(x: Sequence[float] | torch.Tensor, y: Sequence[float] | torch.Tensor) -> float:
-    return pearson(_ranks(torch.as_tensor(x, dtype=torch.float64)), _ranks(torch.as_tensor(y, dtype=torch.float64)))
+    """Spearman's rho (scipy; ties share their mean rank)."""
+    return float(stats.spearmanr(np.asarray(x, dtype=float), np.asarray(y, dtype=float)).statistic)
 
 
-def bootstrap_interval(statistic: Callable[[list[int]], float], n: int, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of statistic(indices) over resamples of range(n) with replacement."""
-    rng = random.Random(seed)
-    values = sorted(statistic([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
-    return values[int(0.025 * (resamples - 1))], values[int(0.975 * (resamples - 1))]
+def bootstrap_interval(statistic: Callable[[Sequence[int]], float], n: int, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of statistic(indices) over resamples of range(n) with replacement
+    (scipy.stats.bootstrap, seeded); one item has no spread: its own value, twice."""
+    if n < 2:
+        value = statistic(list(range(n)))
+        return value, value
+    result = stats.bootstrap((np.arange(n),), statistic, vectorized=False, n_resamples=resamples, method="percentile",
+                             random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 # -- representations -----------------------------------------------------------------------------
@@ -120,10 +115,15 @@ def _correlation_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
-def relsim_alignment(profiles: dict[tuple[str, str], torch.Tensor], comparisons: Sequence[Comparison], resamples: int = 1000) -> dict:
+def relsim_similarities(profiles: dict[tuple[str, str], torch.Tensor], comparisons: Sequence[Comparison]) -> list[float]:
+    """Each comparison's pair similarity: the correlation of the two pairs' profiles."""
     first = torch.stack([profiles[c.first] for c in comparisons])
     second = torch.stack([profiles[c.second] for c in comparisons])
-    similarity = _correlation_rows(first, second).tolist()
+    return _correlation_rows(first, second).tolist()
+
+
+def relsim_alignment(profiles: dict[tuple[str, str], torch.Tensor], comparisons: Sequence[Comparison], resamples: int = 1000) -> dict:
+    similarity = relsim_similarities(profiles, comparisons)
     ratings = [c.rating for c in comparisons]
     rho = spearman(similarity, ratings)
     low, high = bootstrap_interval(lambda idx: spearman([similarity[i] for i in idx], [ratings[i] for i in idx]),
@@ -145,12 +145,32 @@ def prototypicality_alignment(profiles: dict[tuple[str, str], torch.Tensor], sub
             "per_subcategory": per_subcategory}
 
 
+def compare_sets(similarities: dict[str, list[float]], comparisons: Sequence[Comparison], sets: dict[str, dict],
+                 resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Each set after the first against the first, paired over the same items (see the module
+    docstring): `<set> - <first>` -> relsim and SemEval-2012 differences with interval and test."""
+    names = list(sets)
+    ratings = [c.rating for c in comparisons]
+    out = {}
+    for name in names[1:]:
+        base = names[0]
+        out[f"{name} - {base}"] = {
+            "relsim": paired_correlation_difference(similarities[name], similarities[base], ratings, resamples, seed).as_dict(),
+            "semeval_prototypicality": paired_gain_by_key(
+                sets[name]["semeval_prototypicality"]["per_subcategory"], sets[base]["semeval_prototypicality"]["per_subcategory"],
+                f"SemEval-2012 subcategories of {name} and {base}", resamples, seed).as_dict(),
+        }
+    return out
+
+
 # -- the job -------------------------------------------------------------------------------------
 def align(patcher: Patcher, tokenizer, vector_sets: dict[str, Sequence[StoredVector]], data_dir=None,
           max_comparisons: int | None = None, max_subcategories: int | None = None, max_pairs_per_subcategory: int = 16,
-          seed: int = 0, resamples: int = 1000, progress: Callable[[str], None] = no_progress) -> dict:
+          seed: int = 0, resamples: int = 1000, progress: Callable[[str], None] = no_progress,
+          paired_resamples: int = RESAMPLES) -> dict:
     """Spearman alignment of each vector set's relation representations with relsim ratings and
-    SemEval-2012 prototypicality; subsets (seeded) keep the cost down."""
+    SemEval-2012 prototypicality, and each set after the first compared with the first, paired
+    (`comparisons` in the report); subsets (seeded) keep the cost down."""
     root = data_dir_from_env(data_dir)
     if root is None:
         raise RelationDataError("ffv align needs a data directory (--data-dir or FFV_DATA_DIR) with relsim/ and semeval2012/")
@@ -170,14 +190,20 @@ def align(patcher: Patcher, tokenizer, vector_sets: dict[str, Sequence[StoredVec
     pairs = list(dict.fromkeys([c.first for c in comparisons] + [c.second for c in comparisons]
                                + [pair for _, rated in subcategories for _, pair in rated]))
     report = {"data": {"relsim": str(RELSIM_FILE), "semeval2012": "gold prototypicality ratings",
-                       "pairs_scored": len(pairs), "seed": seed, "bootstrap_resamples": resamples},
+                       "pairs_scored": len(pairs), "seed": seed, "bootstrap_resamples": resamples,
+                       "paired_resamples": paired_resamples},
               "representation": "per-vector-centred log P(B first token | 'Q: A\\nA:' + vector) over the vector set; "
                                 "pair similarity = Pearson correlation of profiles",
+              "paired_tests": "relsim: difference of Spearman correlations over the same comparisons, paired BCa "
+                              "bootstrap interval, paired permutation test; SemEval-2012: mean difference of the "
+                              "per-subcategory Spearman correlations, paired BCa bootstrap interval, Wilcoxon signed-rank",
               "sets": {}}
+    similarities = {}
     for set_name, vectors in vector_sets.items():
         progress(f"[ffv] align: scoring {len(pairs)} pairs under {len(vectors)} {set_name} vectors")
         profile_matrix = relation_profiles(patcher, tokenizer, pairs, vectors)
         profiles = {pair: profile_matrix[i] for i, pair in enumerate(pairs)}
+        similarities[set_name] = relsim_similarities(profiles, comparisons)
         report["sets"][set_name] = {
             "n_vectors": len(vectors),
             "relsim": relsim_alignment(profiles, comparisons, resamples),
@@ -188,7 +214,19 @@ def align(patcher: Patcher, tokenizer, vector_sets: dict[str, Sequence[StoredVec
                  f"[{r['relsim']['ci95'][0]:.3f}, {r['relsim']['ci95'][1]:.3f}]; SemEval prototypicality "
                  f"{r['semeval_prototypicality']['mean_spearman']:.3f} [{r['semeval_prototypicality']['ci95'][0]:.3f}, "
                  f"{r['semeval_prototypicality']['ci95'][1]:.3f}]")
+    if len(report["sets"]) > 1:
+        report["comparisons"] = compare_sets(similarities, comparisons, report["sets"], paired_resamples, seed)
+        for name, c in report["comparisons"].items():
+            progress(f"[ffv] align {name}: {comparison_text(c)}")
     return report
+
+
+def comparison_text(comparison: dict) -> str:
+    """One line: both paired differences with interval, test and p."""
+    rs, sp = comparison["relsim"], comparison["semeval_prototypicality"]
+    return (f"relsim Spearman {signed_interval(rs['difference'], rs['ci95'])} ({rs['test']} p={rs['p']:.3g}, n={rs['n']}); "
+            f"SemEval prototypicality {signed_interval(sp['mean_difference'], sp['ci95'])} ({sp['test']} p={sp['p']:.3g}, "
+            f"n={sp['n']})")
 
 
 def format_alignment_markdown(report: dict, model: str) -> str:
@@ -199,6 +237,14 @@ def format_alignment_markdown(report: dict, model: str) -> str:
         lines.append(f"| {name} ({r['n_vectors']}) | {rs['spearman']:.3f} [{rs['ci95'][0]:.3f}, {rs['ci95'][1]:.3f}] "
                      f"(n={rs['n_comparisons']}) | {sp['mean_spearman']:.3f} [{sp['ci95'][0]:.3f}, {sp['ci95'][1]:.3f}] "
                      f"({sp['n_subcategories']} subcategories) |")
+    if report.get("comparisons"):
+        lines += ["", "Paired differences over the same comparisons and subcategories (95% bootstrap interval; relsim: "
+                  "paired permutation test, SemEval-2012: Wilcoxon signed-rank):", "",
+                  "| difference | relsim Spearman [95% CI] | p | SemEval-2012 prototypicality [95% CI] | p |", "|---|---|---|---|---|"]
+        for name, c in report["comparisons"].items():
+            rs, sp = c["relsim"], c["semeval_prototypicality"]
+            lines.append(f"| {name} | {signed_interval(rs['difference'], rs['ci95'])} (n={rs['n']}) | {rs['p']:.3g} | "
+                         f"{signed_interval(sp['mean_difference'], sp['ci95'])} (n={sp['n']}) | {sp['p']:.3g} |")
     return "\n".join(lines) + "\n"
 
 

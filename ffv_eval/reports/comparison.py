@@ -47,7 +47,7 @@ def compare_conditions(model: str = DEFAULT_MODEL, relations=None, limit=None, b
             if not shipped_path(model, kind, name).exists():
                 raise VectorNameError(f"no shipped {kind} for {name} on {model}: {shipped_path(model, kind, name)}")
     task_manager = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": data_dir} if data_dir else None)
-    lm = FFVPatchedLM(pretrained=model, batch_size=batch_size, **model_args)
+    lm = FFVPatchedLM(pretrained=model, vector="none", batch_size=batch_size, **model_args)
     conditions = ["zero_shot", *kinds, f"{num_fewshot}_shot"]
     rows = {}
     for name in relations:

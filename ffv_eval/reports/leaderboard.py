@@ -1,10 +1,12 @@
 """`ffv leaderboard`: one table (model x condition x task) of lm-eval results files as Markdown,
-CSV and a self-contained HTML page; with `--run`, the missing lm-eval runs are made first.
+CSV and a self-contained HTML page, with each patched run's gain over unpatched per metric,
+paired over the same questions; with `--run`, the missing lm-eval runs are made first.
 
 The command in three steps, each in its own module: `leaderboard_runs` makes the missing runs
-(with --run), `leaderboard_results` reads and classifies the results files,
-`leaderboard_render` writes the Markdown, CSV and HTML; `leaderboard_sections` adds tables from
-`ffv align` reports and `ffv check` baselines."""
+(with --run, samples logged), `leaderboard_results` reads and classifies the results files and
+their samples files and pairs the runs (statistics in `paired`), `leaderboard_render` writes
+the Markdown, CSV and HTML; `leaderboard_sections` adds tables from `ffv align` reports and
+`ffv check` baselines."""
 
 from __future__ import annotations
 

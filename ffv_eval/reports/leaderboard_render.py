@@ -1,10 +1,12 @@
 """The leaderboard (read by `leaderboard_results`) as Markdown, CSV and one self-contained HTML
 page. Markdown and HTML hold the same tables: scores (± lm-eval's standard error), the gain from
-patching, extra sections, the vectors and the runs; the CSV has one row per cell, full
-precision. The page adds two plots as inline SVG (matplotlib's SVG canvas, no pyplot state):
-accuracy per task and condition, grouped bars per model; and the gain from patching (patched
-minus unpatched) per model and task. No scripts, no external URLs. Every file is rendered
-before any is written, and each is written atomically."""
+patching, the gain over unpatched per metric paired over the same questions (mean gain, paired
+95% bootstrap interval, McNemar's exact p, n), extra sections, the vectors and the runs; the CSV
+has one row per cell and metric, full precision, the paired gain in its own columns. The page
+adds two plots as inline SVG (matplotlib's SVG canvas, no pyplot state): accuracy per task and
+condition, grouped bars per model; and the gain from patching (patched minus unpatched) per
+model and task, with the paired interval where there is one. No scripts, no external URLs.
+Every file is rendered before any is written, and each is written atomically."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from html import escape
 from pathlib import Path
 
 from ffv_eval.files.atomic import atomic_write, atomic_write_text
-from ffv_eval.reports.leaderboard_results import PRIMARY_METRICS, Entry, Leaderboard, display_path, when_text
+from ffv_eval.reports.leaderboard_results import PRIMARY_METRICS, Entry, GainRow, Leaderboard, display_path, when_text
 
 # -- the tables, shared by Markdown and HTML ----------------------------------------------
 
@@ -40,14 +42,51 @@ def summary_lines(board: Leaderboard) -> list[str]:
     ]
 
 
+PAIRED_TITLE = "Gain over unpatched, paired over the same questions"
+PAIRED_NOTE = ("Every metric of each patched run against the unpatched run of the same model and task, question by "
+               "question (lm-eval's samples files, matched on doc_id and doc_hash): gain = mean of the per-question "
+               "differences (patched minus unpatched); 95% CI = paired bootstrap interval of that mean (BCa, 10,000 "
+               "resamples); p = exact McNemar test on the questions only one run got right (0/1 metrics), else "
+               "Wilcoxon signed-rank; n = questions. For a metric marked (lower is better) a negative gain is an "
+               "improvement. Separate standard errors of the two runs overstate the noise of their difference.")
+PAIRED_HEADER = ["model", "task", "metric", "condition", "unpatched", "patched", "gain", "95% CI", "test", "p", "n"]
+
+
+def metric_label(row: GainRow) -> str:
+    return f"{row.metric} (lower is better)" if row.lower_is_better else row.metric
+
+
+def paired_rows(board: Leaderboard) -> list[list]:
+    """One row per model, task, metric and patched condition; without paired samples the CI
+    column says what is missing and test, p and n stay empty."""
+    rows = []
+    for row in board.paired_gains:
+        base, patched = row.unpatched.scores[row.metric], row.patched.scores[row.metric]
+        head = [row.patched.model, row.patched.task, metric_label(row), row.patched.condition, f"{base:.3f}",
+                f"{patched:.3f}", f"{row.gain:+.3f}"]
+        if row.paired is None:
+            rows.append([*head, row.note, None, None, None])
+        else:
+            low, high = row.paired.ci95
+            rows.append([*head, f"[{low:+.3f}, {high:+.3f}]", row.paired.test, f"{row.paired.p_value:.3g}", row.paired.n])
+    return rows
+
+
 COMPOSITE_RELATION = "per question (composite)"  # a CFV records no relation of its own
 
 
 def vector_rows(board: Leaderboard) -> list[list]:
-    return [[e.model, e.condition, e.task, e.vector.kind,
-             e.vector.relation or (COMPOSITE_RELATION if e.vector.kind == "cfv" else None), e.vector.path, e.vector.layer,
-             e.vector.patch_layer, e.vector.scale, e.vector.patch_scale]
-            for e in board.entries if e.vector is not None]
+    """The vector of each patched cell; under a per-task spec (auto) the kind the task got in brackets."""
+    rows = []
+    for e in board.entries:
+        v = e.vector
+        if v is None:
+            continue
+        kind = v.kind if v.task_kind in (None, v.kind) else f"{v.kind} ({v.task_kind})"
+        composite = "cfv" in (v.kind, v.task_kind)
+        rows.append([e.model, e.condition, e.task, kind, v.relation or (COMPOSITE_RELATION if composite else None), v.path,
+                     v.layer, v.patch_layer, v.scale, v.patch_scale])
+    return rows
 
 
 VECTOR_HEADER = ["model", "condition", "task", "kind", "relation", "path", "layer", "patch layer", "scale", "patch scale"]
@@ -91,6 +130,9 @@ def format_markdown(board: Leaderboard, title: str = "Leaderboard") -> str:
     if gains:
         lines += ["", "## Gain from patching (patched minus unpatched)", ""]
         lines += _markdown_table(["model", "condition", *board.tasks], gains)
+    paired = paired_rows(board)
+    if paired:
+        lines += ["", f"## {PAIRED_TITLE}", "", PAIRED_NOTE, ""] + _markdown_table(PAIRED_HEADER, paired)
     for title_text, header, rows in board.sections:
         lines += ["", f"## {title_text}", ""] + _markdown_table(header, rows)
     if vector_rows(board):
@@ -105,27 +147,42 @@ def format_markdown(board: Leaderboard, title: str = "Leaderboard") -> str:
 
 CSV_HEADER = ["model", "condition", "task", "metric", "value", "stderr", "n", "n_shot", "limit", "task_version",
               "lm_eval_version", "vector_kind", "vector_relation", "vector_path", "vector_layer", "patch_layer",
-              "vector_scale", "patch_scale", "results_file", "date", "data_source", "model_fingerprint", "vector_sha256"]
+              "vector_scale", "patch_scale", "results_file", "date", "data_source", "model_fingerprint", "vector_sha256",
+              "primary", "higher_is_better", "samples_file", "gain", "gain_ci95_low", "gain_ci95_high", "gain_test",
+              "gain_p", "gain_n", "gain_discordant", "gain_note"]
 
 
-def csv_row(entry: Entry) -> list:
+def csv_row(entry: Entry, metric: str, gain: GainRow | None) -> list:
+    """One metric of one cell; the gain columns for a patched cell with an unpatched run."""
     v = entry.vector
     vector_fields = [v.kind, v.relation, v.path, v.layer, v.patch_layer, v.scale, v.patch_scale] if v else [None] * 7
-    return [entry.model, entry.condition, entry.task, entry.metric, repr(entry.value),
-            None if entry.stderr is None else repr(entry.stderr), entry.n_samples, entry.n_shot,
+    stderr = entry.stderrs.get(metric)
+    paired = gain.paired if gain else None
+    gain_fields = [None] * 8 if gain is None else [
+        repr(gain.gain), *(map(repr, paired.ci95) if paired else (None, None)), paired and paired.test,
+        paired and repr(paired.p_value), paired and paired.n,
+        "/".join(map(str, paired.discordant)) if paired and paired.discordant else None, gain.note]
+    return [entry.model, entry.condition, entry.task, metric, repr(entry.scores[metric]),
+            None if stderr is None else repr(stderr), entry.n_samples, entry.n_shot,
             None if entry.limit is None else f"{entry.limit:g}", entry.task_version, entry.lm_eval_version,
             *vector_fields, display_path(entry.source), when_text(entry.timestamp), entry.data_source,
-            entry.model_fingerprint, v.sha256 if v else None]
+            entry.model_fingerprint, v.sha256 if v else None, metric == entry.metric, entry.higher_is_better.get(metric),
+            entry.samples and display_path(entry.samples), *gain_fields]
 
 
 def write_csv(board: Leaderboard, path: str | os.PathLike) -> None:
-    """One row per (model, condition, task), full precision; written atomically, row by row."""
+    """One row per (model, condition, task, metric), the primary metric first, full precision;
+    `gain*` columns: the paired gain over unpatched (see PAIRED_NOTE); written atomically."""
+    gains = {(row.patched.cell, row.metric): row for row in board.paired_gains}
+
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_HEADER)
             for entry in board.entries:
-                writer.writerow(["" if value is None else value for value in csv_row(entry)])
+                for metric in sorted(entry.scores, key=lambda m: m != entry.metric):
+                    row = csv_row(entry, metric, gains.get((entry.cell, metric)))
+                    writer.writerow(["" if value is None else value for value in row])
 
     atomic_write(Path(path), write)
 
@@ -171,10 +228,10 @@ def _svg_text(figure, salt: str) -> str:
     return re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
 
 
-def _bar_panels(title: str, panels: list[tuple[str, list[str], dict[str, list[float | None]], dict[str, list[float | None]]]],
+def _bar_panels(title: str, panels: list[tuple[str, list[str], dict[str, list[float | None]], dict[str, list]]],
                 ylabel: str, salt: str, unit_range: bool, colours: dict[str, str]) -> str:
-    """One row of grouped bars per panel: (panel title, x labels, series -> values, series -> errors);
-    a missing value draws no bar."""
+    """One row of grouped bars per panel: (panel title, x labels, series -> values, series -> errors,
+    each a stderr or a (low, high) interval); a missing value draws no bar."""
     from matplotlib.figure import Figure
 
     n_labels = max(len(labels) for _, labels, _, _ in panels)
@@ -186,9 +243,10 @@ def _bar_panels(title: str, panels: list[tuple[str, list[str], dict[str, list[fl
             xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
             heights = [v if v is not None else math.nan for v in values]
             bar_style = {"label": name, "color": colours[name]}
-            if name in errors:
-                bar_style.update(yerr=[e if e is not None else 0.0 for e in errors[name]], capsize=2,
-                                 error_kw={"elinewidth": 0.8})
+            if name in errors:  # an error is a stderr (symmetric) or a (low, high) interval
+                below = [0.0 if e is None else e if not isinstance(e, tuple) else v - e[0] for e, v in zip(errors[name], values)]
+                above = [0.0 if e is None else e if not isinstance(e, tuple) else e[1] - v for e, v in zip(errors[name], values)]
+                bar_style.update(yerr=[below, above], capsize=2, error_kw={"elinewidth": 0.8})
             ax.bar(xs, heights, width, **bar_style)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=30 if n_labels > 4 else 0, ha="right" if n_labels > 4 else "center", fontsize=8)
@@ -227,14 +285,16 @@ def gain_svg(board: Leaderboard) -> str | None:
     gains = board.gains()
     if not gains:
         return None
+    intervals = board.gain_intervals()
     panels = []
     for model in board.models:
         conditions = sorted({c for m, c, _ in gains if m == model}, key=board.conditions.index)
         if conditions:
             tasks = [t for t in board.tasks if any((model, c, t) in gains for c in conditions)]
             series = {c: [gains.get((model, c, t)) for t in tasks] for c in conditions}
-            panels.append((model, tasks, series, {}))
-    return _bar_panels("Gain from patching (patched minus unpatched)", panels, "gain", "ffv-gain", False,
+            errors = {c: [intervals.get((model, c, t)) for t in tasks] for c in conditions}
+            panels.append((model, tasks, series, errors))
+    return _bar_panels("Gain from patching (patched minus unpatched, paired 95% CI)", panels, "gain", "ffv-gain", False,
                        condition_colours(board))
 
 
@@ -252,9 +312,14 @@ def render_html(board: Leaderboard, title: str = "Leaderboard") -> str:
         parts.append("<h2>Gain from patching</h2>")
         parts.append(_table(["model", "condition", *board.tasks], gain_rows(board), "gains", score_from=2))
         parts.append(f'<figure id="gain-plot">{gain_plot}<figcaption>Patched score minus the unpatched score '
-                     "of the same model and task.</figcaption></figure>")
+                     "of the same model and task; error bars: the paired 95% bootstrap interval where both runs logged "
+                     "samples.</figcaption></figure>")
     else:
         parts.append("<p>No gain plot: no model has both an unpatched and a patched run of one task.</p>")
+    paired = paired_rows(board)
+    if paired:
+        parts += [f"<h2>{escape(PAIRED_TITLE)}</h2>", f"<p>{escape(PAIRED_NOTE)}</p>",
+                  _table(PAIRED_HEADER, paired, "paired-gains", score_from=4)]
     for i, (title_text, header, rows) in enumerate(board.sections):
         parts += [f"<h2>{escape(title_text)}</h2>", _table(header, rows, f"section-{i}")]
     if vector_rows(board):

@@ -1,12 +1,19 @@
 """Reading lm-eval results files into a leaderboard: the entries, their conditions, the newest
 run of each cell, and the checks that keep incomparable runs apart. No rendering, no running.
 
-A results file is what `lm_eval --output_path DIR` writes (`DIR/<model>/results_<date>.json`).
+A results file is what `lm_eval --output_path DIR` writes (`DIR/<model>/results_<date>.json`,
+with `--log_samples` also `samples_<task>_<date>.jsonl` beside it: one line per question).
 Each (file, task) becomes one entry: the model (`config.ffv_model`, else model_args'
-`pretrained`), the condition (the patched vector's kind, `<k>-shot`, or `unpatched`) and the
-task's primary metric with lm-eval's standard error, plus what makes two runs of a cell
-comparable: the model fingerprint, the vector (file hash, layer, scale), the data source and the
-task version (`leaderboard_runs` compares these before reusing a cell)."""
+`pretrained`), the condition (the patched vector's kind, `<k>-shot`, or `unpatched`), the
+task's primary metric with lm-eval's standard error and all its other metrics, its samples file
+when there is one, plus what makes two runs of a cell comparable: the model fingerprint, the
+vector (file hash, layer, scale), the data source and the task version (`leaderboard_runs`
+compares these before reusing a cell).
+
+The gain of each patched run over the unpatched run of the same model and task is paired, per
+metric: the questions' outcomes in the two samples files, matched on doc_id and doc_hash, give
+the mean gain, its bootstrap interval and McNemar's test (`paired`); without samples files the
+gain says so and has no interval."""
 
 from __future__ import annotations
 
@@ -17,13 +24,16 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 from ffv_eval.errors import FFVError
+from ffv_eval.files.json_lines import json_line_objects
+from ffv_eval.reports.paired import Outcome, PairedGain, PairingError, match_outcomes, paired_gain
 
 REQUIRED_FIELDS = ("results", "config", "versions", "n-shot")
 PRIMARY_METRICS = ("exact_match", "acc", "acc_norm", "top_answer")
-VECTOR_KIND_ORDER = ("fv", "ffv", "ffv-random", "cfv")
+VECTOR_KIND_ORDER = ("fv", "ffv", "ffv-random", "cfv", "auto")
 SHOT_CONDITION = re.compile(r"^(\d+)-shot$")
 
 
@@ -43,6 +53,7 @@ class VectorInfo:
     scale: float | None
     patch_scale: float | None
     sha256: str | None = None  # of the vector file (or basis directory), where the run recorded it
+    task_kind: str | None = None  # under a per-task spec (auto, <kind>:*): the kind this task got (ffv, cfv)
 
 
 @dataclass(frozen=True)
@@ -65,10 +76,35 @@ class Entry:
     timestamp: float
     model_fingerprint: str | None = None  # config.model_fingerprint (ffv-patched records it)
     data_source: str | None = None  # see data_source(); None: not recorded
+    scores: dict[str, float] = field(default_factory=dict)  # every metric of the task (the primary's filter)
+    stderrs: dict[str, float | None] = field(default_factory=dict)  # their standard errors (None: not reported)
+    filter: str = "none"  # lm-eval's filter of those metrics
+    higher_is_better: dict[str, bool] = field(default_factory=dict)  # as the results record it
+    samples: Path | None = None  # samples_<task>_<date>.jsonl beside the results file, if logged
 
     @property
     def cell(self) -> tuple[str, str, str]:
         return self.model, self.condition, self.task
+
+
+@dataclass(frozen=True)
+class GainRow:
+    """One metric of one task: a patched run's gain over the unpatched run of the same model."""
+
+    patched: Entry
+    unpatched: Entry
+    metric: str
+    paired: PairedGain | None  # None: not paired, `note` says why
+    note: str | None = None
+
+    @property
+    def gain(self) -> float:
+        """The paired mean gain, else the difference of the two runs' scores."""
+        return self.paired.mean_gain if self.paired else self.patched.scores[self.metric] - self.unpatched.scores[self.metric]
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.patched.higher_is_better.get(self.metric) is False
 
 
 @dataclass
@@ -108,15 +144,26 @@ class Leaderboard:
         present = {(e.model, e.condition) for e in self.entries}
         return [(m, c) for m in self.models for c in self.conditions if (m, c) in present]
 
+    def patched_pairs(self) -> list[tuple[Entry, Entry]]:
+        """(patched entry, unpatched entry of the same model and task), in table order."""
+        cells = self.by_cell()
+        return [(e, cells[(e.model, "unpatched", e.task)]) for e in self.entries
+                if e.vector is not None and (e.model, "unpatched", e.task) in cells]
+
     def gains(self) -> dict[tuple[str, str, str], float]:
         """(model, patched condition, task) -> score minus the unpatched score of that model and task."""
-        cells = self.by_cell()
-        out = {}
-        for e in self.entries:
-            base = cells.get((e.model, "unpatched", e.task))
-            if e.vector is not None and base is not None:
-                out[e.cell] = e.value - base.value
-        return out
+        return {e.cell: e.value - base.value for e, base in self.patched_pairs()}
+
+    @cached_property
+    def paired_gains(self) -> list[GainRow]:
+        """Every metric of every patched cell against the unpatched run: paired where both
+        runs logged samples (computed once: the bootstrap takes a moment)."""
+        return [row for patched, base in self.patched_pairs() for row in compare_runs(patched, base)]
+
+    def gain_intervals(self) -> dict[tuple[str, str, str], tuple[float, float]]:
+        """(model, patched condition, task) -> paired 95% interval of the primary metric's gain."""
+        return {row.patched.cell: row.paired.ci95 for row in self.paired_gains
+                if row.paired is not None and row.metric == row.patched.metric}
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -204,16 +251,20 @@ def vector_info(config: dict, path: Path, task: str | None = None) -> VectorInfo
     if not isinstance(recorded, dict) or not isinstance(recorded.get("kind"), str):
         raise LeaderboardError(f"{path}: field 'config.ffv_vector' should be null or an object with a 'kind'")
     per_task = recorded.get("per_task")
+    task_kind = None
     if isinstance(per_task, dict) and isinstance(per_task.get(task), dict):
         used = per_task[task]
-        recorded = {**recorded, "relation": str(task).removeprefix("relation_"), "path": used.get("path"),
+        # the task's own record (ffv-patched writes the vector's, relation None for a per-question cfv)
+        relation = used["relation"] if "relation" in used else str(task).removeprefix("relation_")
+        task_kind = used.get("kind") if isinstance(used.get("kind"), str) else None
+        recorded = {**recorded, "relation": relation, "path": used.get("path"),
                     "layer": used.get("layer"), "patch_layer": used.get("layer"), "sha256": used.get("sha256")}
     sha256 = recorded.get("sha256")
     return VectorInfo(
         kind=recorded["kind"], relation=recorded.get("relation"), path=recorded.get("path"),
         layer=recorded.get("layer"), patch_layer=recorded.get("patch_layer"),
         scale=recorded.get("scale"), patch_scale=recorded.get("patch_scale"),
-        sha256=sha256 if isinstance(sha256, str) else None,
+        sha256=sha256 if isinstance(sha256, str) else None, task_kind=task_kind,
     )
 
 
@@ -268,20 +319,97 @@ def _number(value) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def primary_metric(task_results: dict) -> tuple[str, float, float | None] | None:
-    """(metric, value, stderr) for the first of PRIMARY_METRICS the task reports (filter
-    `none` preferred), else its first numeric metric; None if it has none (a bare group)."""
+def _metric_keys(task_results: dict) -> dict[str, list[str]]:
+    """metric -> its `metric,filter` keys with a numeric value (standard errors left out)."""
     by_metric: dict[str, list[str]] = {}
     for key, value in task_results.items():
         metric, sep, _ = key.partition(",")
         if sep and not metric.endswith("_stderr") and _number(value) is not None:
             by_metric.setdefault(metric, []).append(key)
+    return by_metric
+
+
+def _primary_key(task_results: dict) -> str | None:
+    by_metric = _metric_keys(task_results)
     if not by_metric:
         return None
     metric = next((m for m in PRIMARY_METRICS if m in by_metric), next(iter(by_metric)))
-    key = f"{metric},none" if f"{metric},none" in by_metric[metric] else by_metric[metric][0]
+    return f"{metric},none" if f"{metric},none" in by_metric[metric] else by_metric[metric][0]
+
+
+def primary_metric(task_results: dict) -> tuple[str, float, float | None] | None:
+    """(metric, value, stderr) for the first of PRIMARY_METRICS the task reports (filter
+    `none` preferred), else its first numeric metric; None if it has none (a bare group)."""
+    key = _primary_key(task_results)
+    if key is None:
+        return None
     stderr_key = key.replace(",", "_stderr,", 1)
-    return metric, float(task_results[key]), _number(task_results.get(stderr_key))
+    return key.partition(",")[0], float(task_results[key]), _number(task_results.get(stderr_key))
+
+
+def task_scores(task_results: dict) -> tuple[str, dict[str, float], dict[str, float | None]]:
+    """(filter, metric -> value, metric -> stderr) of every metric the task reports under its
+    primary metric's filter: acc, acc_norm and acc_d of a multiple-choice analogy task, say."""
+    key = _primary_key(task_results)
+    if key is None:
+        return "none", {}, {}
+    filter_name = key.partition(",")[2]
+    metrics = [m for m, keys in _metric_keys(task_results).items() if f"{m},{filter_name}" in keys]
+    return (filter_name, {m: float(task_results[f"{m},{filter_name}"]) for m in metrics},
+            {m: _number(task_results.get(f"{m}_stderr,{filter_name}")) for m in metrics})
+
+
+def samples_file(results_path: Path, task: str) -> Path | None:
+    """The `samples_<task>_<date>.jsonl` lm-eval wrote with `--log_samples` beside
+    `results_<date>.json` (same date), or None."""
+    date = results_path.stem.removeprefix("results_")
+    path = results_path.with_name(f"samples_{task}_{date}.jsonl")
+    return path if path.is_file() else None
+
+
+def read_outcomes(entry: Entry) -> dict[str, list[Outcome]]:
+    """metric -> each question's outcome in the entry's samples file (lines of the entry's
+    filter; lm-eval writes one line per question and filter)."""
+    if entry.samples is None:
+        raise LeaderboardError(f"{entry.source}: no samples file for task {entry.task} (run lm-eval with --log_samples)")
+    outcomes: dict[str, list[Outcome]] = {metric: [] for metric in entry.scores}
+    for lineno, line in json_line_objects(entry.samples, LeaderboardError):
+        if line.get("filter", "none") != entry.filter:
+            continue
+        doc_id = line.get("doc_id")
+        if isinstance(doc_id, bool) or not isinstance(doc_id, int):
+            raise LeaderboardError(f"{entry.samples}: line {lineno}: field 'doc_id' should be an integer, got {doc_id!r}")
+        doc_hash = line.get("doc_hash") if isinstance(line.get("doc_hash"), str) else None
+        for metric, found in outcomes.items():
+            value = _number(line.get(metric))
+            if value is None:
+                raise LeaderboardError(f"{entry.samples}: line {lineno}: field '{metric}' should be a number, got "
+                                       f"{line.get(metric)!r} (the results file reports {metric} for {entry.task})")
+            found.append(Outcome(doc_id, doc_hash, value))
+    return outcomes
+
+
+def compare_runs(patched: Entry, unpatched: Entry) -> list[GainRow]:
+    """One row per metric both runs report: paired over their questions when both logged
+    samples, else the plain difference with a note saying what is missing."""
+    metrics = [m for m in patched.scores if m in unpatched.scores]
+    missing = [f"{display_path(e.source)} ({label})" for e, label in ((patched, "patched"), (unpatched, "unpatched"))
+               if e.samples is None]
+    if missing:
+        note = "no per-question samples for " + " and ".join(missing) + ": rerun with --log_samples"
+        return [GainRow(patched, unpatched, m, None, note) for m in metrics]
+    outcomes = read_outcomes(patched), read_outcomes(unpatched)
+    rows = []
+    for metric in metrics:
+        try:
+            treated, base = match_outcomes(outcomes[0][metric], outcomes[1][metric],
+                                           f"{patched.condition} ({display_path(patched.samples)})",
+                                           f"unpatched ({display_path(unpatched.samples)})")
+        except PairingError as err:
+            rows.append(GainRow(patched, unpatched, metric, None, f"not paired: {err}"))
+            continue
+        rows.append(GainRow(patched, unpatched, metric, paired_gain(treated, base)))
+    return rows
 
 
 def version_text(version) -> str:
@@ -320,6 +448,8 @@ def entries_from_file(path: Path, data: dict) -> list[Entry]:
         effective = (data.get("n-samples") or {}).get(task, {})
         n_samples = effective.get("effective") if isinstance(effective, dict) else None
         vector = vector_info(config, path, task)
+        filter_name, scores, stderrs = task_scores(task_results)
+        directions = (data.get("higher_is_better") or {}).get(task)
         entries.append(Entry(
             model=model,
             condition=condition_name(task, int(n_shot), vector and vector.kind, vector and vector.relation),
@@ -328,6 +458,8 @@ def entries_from_file(path: Path, data: dict) -> list[Entry]:
             n_shot=int(n_shot), limit=limit, task_version=version_text(data["versions"][task]),
             lm_eval_version=lm_eval_version, vector=vector, source=path, timestamp=timestamp,
             model_fingerprint=str(fingerprint) if fingerprint else None, data_source=data_source(task_configs.get(task)),
+            scores=scores, stderrs=stderrs, filter=filter_name, samples=samples_file(path, task),
+            higher_is_better={m: v for m, v in directions.items() if isinstance(v, bool)} if isinstance(directions, dict) else {},
         ))
     return entries
 

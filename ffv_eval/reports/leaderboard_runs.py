@@ -1,9 +1,10 @@
 """`ffv leaderboard --run`: plan the lm-eval runs a leaderboard needs (models x conditions x
 tasks), skip each task whose newest results cell already stands for the run, and run the rest
 with lm-eval's `simple_evaluate` on the `ffv-patched` model, saved in `lm_eval --output_path`'s
-layout. A cell is reused only when its model fingerprint, vector (file hash, layer, scale),
-data source, task version and limit all equal what the run would use now. lm-eval, torch and
-the model are imported only when a run needs them."""
+layout with the per-question samples (`--log_samples`: the paired gains need them). A cell is
+reused only when it has its samples file and its model fingerprint, vector (file hash, layer,
+scale), data source, task version and limit all equal what the run would use now. lm-eval,
+torch and the model are imported only when a run needs them."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ffv_eval.reports.leaderboard_results import (SHOT_CONDITION, Entry, Leaderb
                                                   visible_results_files)
 
 DEFAULT_RUN_CONDITIONS = ("unpatched", "fv", "ffv", "10-shot")
+AUTO = "auto"  # ffv-patched's vector=auto: relation_<name> tasks get the relation's FFV, the others a CFV per question
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class PlannedRun:
     model: str
     condition: str  # as given on the command line
     tasks: tuple[str, ...]
-    vector: str | None  # the vector spec passed as model_args vector=
+    vector: str | None  # the vector spec passed as model_args vector= (None: vector=none, unpatched)
     num_fewshot: int
     labels: tuple[str, ...]  # the condition the reader will give each task's result
 
@@ -73,9 +75,11 @@ def expand_tasks(tasks: Sequence[str], data_dir: Path | None = None) -> list[str
 
 def plan_runs(models: Sequence[str], tasks: Sequence[str], conditions: Sequence[str]) -> list[PlannedRun]:
     """Every run the leaderboard needs, one lm-eval run per model and condition: `unpatched` and
-    `<k>-shot`; a vector kind (`ffv`) patches each relation_<name> task with `<kind>:<name>`
-    (vector=<kind>:*); `cfv` gives each question its composite vector; `<kind>:<relation>` patches
-    all tasks with that one vector. Missing vectors are reported before anything runs."""
+    `<k>-shot` (vector=none); a vector kind (`ffv`) patches each relation_<name> task with
+    `<kind>:<name>` (vector=<kind>:*); `cfv` gives each question its composite vector; `auto`
+    (vector=auto) each relation_<name> task its relation's FFV and each analogy question its
+    composite vector; `<kind>:<relation>` patches all tasks with that one vector. Missing vectors
+    are reported before anything runs."""
     from ffv_eval.vectors.store import shipped_path
 
     runs, missing = [], []
@@ -97,6 +101,13 @@ def plan_runs(models: Sequence[str], tasks: Sequence[str], conditions: Sequence[
             if kind == "cfv":  # each question's composite vector, from its own source pair
                 runs.append(PlannedRun(model, condition, tuple(tasks), "cfv", 0, tuple("cfv" for _ in tasks)))
                 continue
+            if kind == AUTO:
+                for task in tasks:
+                    spec = auto_vector(task)
+                    if spec != "cfv" and not shipped_path(model, *spec.split(":")).exists():
+                        missing.append(str(shipped_path(model, *spec.split(":"))))
+                runs.append(PlannedRun(model, condition, tuple(tasks), AUTO, 0, tuple(AUTO for _ in tasks)))
+                continue
             for task in tasks:
                 if not task.startswith("relation_"):
                     raise LeaderboardError(f"condition '{condition}' patches each relation_<name> task with that "
@@ -111,16 +122,27 @@ def plan_runs(models: Sequence[str], tasks: Sequence[str], conditions: Sequence[
     return runs
 
 
+def auto_vector(task: str) -> str:
+    """The vector ffv-patched's vector=auto gives a task: a relation_<name> task its relation's
+    FFV (`ffv:<name>`), any other task (the analogy tasks) a CFV per question (`cfv`)."""
+    return f"ffv:{task.removeprefix('relation_')}" if task.startswith("relation_") else "cfv"
+
+
+SAMPLES_LOGGED = "logged"
+
+
 @dataclass(frozen=True)
 class CellIdentity:
     """What a results cell must share with a planned run to stand for it. `vector` is None
-    without a vector, else (file hash, patch layer, scale), a None inside meaning unknown."""
+    without a vector, else (file hash, patch layer, scale), a None inside meaning unknown;
+    `samples` is SAMPLES_LOGGED when the run's per-question samples file is there."""
 
     model_fingerprint: str | None
     vector: tuple[str | None, int | None, float | None] | None
     data_source: str | None
     task_version: str | None
     limit: float | None
+    samples: str | None = SAMPLES_LOGGED
 
 
 def recorded_identity(entry: Entry) -> CellIdentity:
@@ -130,7 +152,8 @@ def recorded_identity(entry: Entry) -> CellIdentity:
     v = entry.vector
     vector = None if v is None else (
         v.sha256 or vector_sha256(v.path), v.patch_layer, None if v.patch_scale is None else float(v.patch_scale))
-    return CellIdentity(entry.model_fingerprint, vector, entry.data_source, entry.task_version, entry.limit)
+    return CellIdentity(entry.model_fingerprint, vector, entry.data_source, entry.task_version, entry.limit,
+                        SAMPLES_LOGGED if entry.samples is not None else None)
 
 
 def planned_vector(model: str, run: PlannedRun, task: str) -> tuple[str | None, int | None, float | None] | None:
@@ -140,17 +163,20 @@ def planned_vector(model: str, run: PlannedRun, task: str) -> tuple[str | None, 
 
     if run.vector is None:
         return None
-    if run.vector == "cfv":
-        from ffv_eval.vectors.basis import default_basis_dir
+    spec = auto_vector(task) if run.vector == AUTO else run.vector
+    if spec == "cfv":
         from ffv_eval.vectors.composite import COMPOSITE_FILE
+        from ffv_eval.vectors.locations import find_basis_dir
 
-        directory = default_basis_dir(model)
+        directory = find_basis_dir(model)
+        if directory is None:
+            return (None, None, 1.0)  # no map: nothing to reuse (the run says what is wrong)
         try:
             layer = json.loads((directory / COMPOSITE_FILE).with_suffix(".json").read_text(encoding="utf-8"))["layer"]
         except (OSError, ValueError, KeyError, TypeError):
             return (None, None, 1.0)  # no usable map: nothing to reuse (the run says what is wrong)
         return (vector_sha256(directory), layer, 1.0)
-    kind, _, relation = run.vector.partition(":")
+    kind, _, relation = spec.partition(":")
     path = shipped_path(model, kind, task.removeprefix("relation_") if relation == "*" else relation)
     try:
         layer = load_vector(path).metadata["layer"]
@@ -160,7 +186,8 @@ def planned_vector(model: str, run: PlannedRun, task: str) -> tuple[str | None, 
 
 
 IDENTITY_FIELDS = (("model_fingerprint", "model fingerprint"), ("vector", "vector (file hash, layer, scale)"),
-                   ("data_source", "data source"), ("task_version", "task version"), ("limit", "limit"))
+                   ("data_source", "data source"), ("task_version", "task version"), ("limit", "limit"),
+                   ("samples", "per-question samples"))
 MUST_BE_KNOWN = ("model_fingerprint", "data_source", "task_version")  # None: unrecorded / unknown
 
 
@@ -192,8 +219,8 @@ def runs_to_do(runs: Sequence[PlannedRun], task_plans: Sequence[TaskPlan], outpu
                log: Callable[[str], None] = print) -> list[PlannedRun]:
     """The planned runs, each cut down to the tasks whose newest results cell in output_dir (the
     one the leaderboard shows) does not match it in model fingerprint, vector file hash, layer,
-    scale, data source, task version and limit; a model is loaded for its fingerprint only if
-    it has a cell to compare."""
+    scale, data source, task version and limit, or has no samples file; a model is loaded for
+    its fingerprint only if it has a cell to compare."""
     newest = newest_entries(read_entries([output_dir])[0]) if output_dir.is_dir() and visible_results_files(output_dir) else {}
     plans = {plan.name: plan for plan in task_plans}
     fingerprints: dict[str, str] = {}
@@ -224,9 +251,10 @@ def runs_to_do(runs: Sequence[PlannedRun], task_plans: Sequence[TaskPlan], outpu
 
 def evaluate_and_save(run: PlannedRun, output_dir: Path, limit: int | None, batch_size: int | str,
                       data_dir: Path | None = None) -> Path:
-    """One lm-eval run of `ffv-patched`, saved by lm-eval's own EvaluationTracker into a
-    temporary directory and moved to `<output_dir>/<model>/results_<date>.json` (the
-    `lm_eval --output_path` layout) once complete. `data_dir` goes to the tasks as lm-eval
+    """One lm-eval run of `ffv-patched` with log_samples, saved by lm-eval's own
+    EvaluationTracker into a temporary directory and moved, once complete, to
+    `<output_dir>/<model>/`: `samples_<task>_<date>.jsonl` per task, then `results_<date>.json`
+    (the `lm_eval --output_path --log_samples` layout). `data_dir` goes to the tasks as lm-eval
     metadata, so the results record it."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
@@ -235,22 +263,27 @@ def evaluate_and_save(run: PlannedRun, output_dir: Path, limit: int | None, batc
     from ffv_eval.harness.plugin import register
 
     register()
-    model_args = {"pretrained": run.model, **({"vector": run.vector} if run.vector else {})}
+    model_args = {"pretrained": run.model, "vector": run.vector or "none"}  # ffv-patched's own default is auto
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".ffv-run-", dir=output_dir))
     try:
         tracker = EvaluationTracker(output_path=str(staging))
         results = lm_eval.simple_evaluate(
             model="ffv-patched", model_args=model_args, tasks=list(run.tasks), num_fewshot=run.num_fewshot,
-            limit=limit, batch_size=batch_size, log_samples=False, evaluation_tracker=tracker,
+            limit=limit, batch_size=batch_size, log_samples=True, evaluation_tracker=tracker,
             metadata={"data_dir": str(data_dir)} if data_dir is not None else None,
         )
-        tracker.save_results_aggregated(results=results, samples=None)
+        samples = results.pop("samples")  # as lm-eval's own command line does
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for task_name in results["configs"]:
+            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
         written = sorted(staging.rglob("results_*.json"))
         if len(written) != 1:
             raise LeaderboardError(f"lm-eval did not write a results file for {run.model} {run.condition} {list(run.tasks)}")
         target = output_dir / sanitize_model_name(run.model) / written[0].name
         target.parent.mkdir(parents=True, exist_ok=True)
+        for sample_file in sorted(written[0].parent.glob("samples_*.jsonl")):  # before the results that name them
+            os.replace(sample_file, target.with_name(sample_file.name))
         os.replace(written[0], target)
         return target
     finally:

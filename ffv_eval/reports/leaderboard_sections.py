@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from ffv_eval.errors import FFVError
 from ffv_eval.files.json_lines import json_document
+from ffv_eval.reports.paired import signed_interval
 
 
 class SectionError(FFVError, ValueError):
@@ -24,6 +25,8 @@ def _document(path: str, what: str, required: Sequence[str]) -> dict:
 
 
 def alignment_section(paths: Sequence[str]) -> tuple[str, list[str], list[list]]:
+    """Per model: each vector set's figures, then (reports that have them) the paired
+    differences between sets, `ffv - fv`, with interval and p (test named in the title)."""
     rows = []
     for path in paths:
         report = _document(path, "an `ffv align` report", ("model", "sets"))
@@ -32,8 +35,13 @@ def alignment_section(paths: Sequence[str]) -> tuple[str, list[str], list[list]]
             rows.append([report["model"], kind, f"{rs['spearman']:.3f} [{rs['ci95'][0]:.3f}, {rs['ci95'][1]:.3f}]",
                          rs["n_comparisons"], f"{sp['mean_spearman']:.3f} [{sp['ci95'][0]:.3f}, {sp['ci95'][1]:.3f}]",
                          sp["n_subcategories"]])
+        for name, difference in (report.get("comparisons") or {}).items():
+            rs, sp = difference["relsim"], difference["semeval_prototypicality"]
+            rows.append([report["model"], f"paired: {name}", f"{signed_interval(rs['difference'], rs['ci95'])}, p={rs['p']:.3g}",
+                         rs["n"], f"{signed_interval(sp['mean_difference'], sp['ci95'])}, p={sp['p']:.3g}", sp["n"]])
     header = ["model", "vectors", "relsim Spearman [95% CI]", "comparisons", "SemEval prototypicality Spearman [95% CI]", "subcategories"]
-    return "Alignment with human judgments (ffv align)", header, rows
+    return ("Alignment with human judgments (ffv align; paired rows: difference over the same items, relsim by paired "
+            "permutation test, SemEval by Wilcoxon signed-rank)", header, rows)
 
 
 def vector_quality_section(paths: Sequence[str]) -> tuple[str, list[str], list[list]]:

@@ -4,7 +4,8 @@ over a few in-context prompts of the relation) on that relation's word pairs. Bu
 of relations that share forward passes, cached on disk one vector per relation, reused.
 
 Layout: <basis dir>/<source>/<relation>.safetensors (+ .json sidecar, kind "basis").
-Default basis dir: $FFV_CACHE_DIR/basis/<model alias>."""
+Default basis dir: ./vectors/<model alias>/basis to build, then the shipped one to read
+(vectors.locations)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ffv_eval import __version__
 from ffv_eval.data.basis_sources import BasisRelation
@@ -25,9 +27,10 @@ from ffv_eval.files.hashes import pairs_sha256
 from ffv_eval.errors import FFVError
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
 from ffv_eval.vectors.function_vectors import encode_prompts, first_token_scores, icl_prompts, mean_head_outputs, pad_id_of
-from ffv_eval.models.loading import cache_root, input_device
+from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
 from ffv_eval.progress import no_progress
+from ffv_eval.vectors.locations import basis_output_dir
 from ffv_eval.vectors.store import VECTORS_DIR, VectorFileError, load_vector, save_vector
 
 BASIS_KIND = "basis"
@@ -65,10 +68,6 @@ class Basis:
     layer: int
     model_fingerprint: str
     directory: Path
-
-
-def default_basis_dir(model_alias: str) -> Path:
-    return cache_root() / "basis" / model_alias
 
 
 def basis_file(directory: Path, relation_name: str) -> Path:
@@ -123,7 +122,7 @@ def build_basis(
     unless `force`."""
     if not relations:
         raise BasisError("empty basis: no relations given")
-    directory = Path(directory or default_basis_dir(model_alias))
+    directory = Path(directory or basis_output_dir(model_alias))
     heads = function_heads(model_alias)
     missing = []
     for relation in relations:
@@ -135,9 +134,11 @@ def build_basis(
     progress(f"[ffv] basis for {model_alias}: {len(relations)} relations, {len(relations) - len(missing)} cached, "
              f"{len(missing)} to train at layer {heads.layer} (heads {', '.join(f'L{l}H{h}' for l, h in heads.heads)}, x{heads.scale:g})")
     training = TrainingSettings(n_pairs=settings.n_pairs, steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed)
+    bar = tqdm(total=len(missing), unit="relation", desc=f"basis {model_alias}", disable=None if missing else True)
     for start in range(0, len(missing), settings.relations_per_pass):
         group = missing[start : start + settings.relations_per_pass]
         t = time.perf_counter()
+        bar.set_postfix_str(f"{group[0].name} .. {group[-1].name}")
         initials = torch.stack([starting_vector(patcher, tokenizer, r, heads, settings) for r in group])
         pair_lists = [r.pairs[: settings.n_pairs] for r in group]
         results = train_function_vectors(patcher, tokenizer, pair_lists, heads.layer, initials, training)
@@ -154,9 +155,11 @@ def build_basis(
                             "first_loss": result.losses[0], "last_loss": sum(result.losses[-10:]) / len(result.losses[-10:])},
                 "ffv_eval_version": __version__,
             }, force=True)
+            bar.update(1)
         seconds = time.perf_counter() - t
         progress(f"[ffv] basis {start + len(group)}/{len(missing)} trained ({seconds / len(group):.1f}s per relation); "
                  f"training-pair accuracy {sum(before) / len(group):.2f} -> {sum(after) / len(group):.2f}")
+    bar.close()
     return load_basis(directory, [r.name for r in relations], fingerprint)
 
 

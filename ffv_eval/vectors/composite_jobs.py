@@ -9,9 +9,10 @@ from pathlib import Path
 from ffv_eval.errors import SettingError
 from ffv_eval import DEFAULT_MODEL
 from ffv_eval.files.atomic import check_writable
-from ffv_eval.vectors.basis import BasisSettings, build_basis, default_basis_dir
+from ffv_eval.vectors.basis import BasisSettings, build_basis
+from ffv_eval.vectors.locations import basis_output_dir
 from ffv_eval.data.basis_sources import analogy_test_pairs, basis_relations
-from ffv_eval.vectors.composite import CompositeVectors, MapSettings, fit_composite_map, load_composite_map, save_composite_map, training_analogies
+from ffv_eval.vectors.composite import CompositeVectors, MapSettings, fit_composite_map, model_composite_map, save_composite_map, training_analogies
 from ffv_eval.files.lock import cache_lock
 from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint
 from ffv_eval.models.patching import Patcher
@@ -32,7 +33,7 @@ def build_basis_and_map(model_name: str = DEFAULT_MODEL, data_dir=None, sources=
     relations = basis_relations(data_dir, sources=tuple(sources), exclude=exclude)
     if max_relations:
         relations = relations[:max_relations]
-    directory = Path(out) if out else default_basis_dir(model_name)
+    directory = Path(out) if out else basis_output_dir(model_name)
     check_writable(directory / "composite.safetensors", "--out")
     progress(f"[ffv] loading {model_name} ({placement.device or placement.device_map}, {placement.dtype})")
     model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
@@ -44,9 +45,10 @@ def build_basis_and_map(model_name: str = DEFAULT_MODEL, data_dir=None, sources=
         t = time.perf_counter()
         basis = build_basis(patcher, tokenizer, model_name, fingerprint, relations, directory, basis_settings, force, progress)
         progress(f"[ffv] basis ready: {len(basis.names)} relations in {directory} ({time.perf_counter() - t:.0f}s)")
-        analogies = training_analogies(relations, basis_settings.n_pairs, map_settings.analogies_per_relation, map_settings.seed)
+        analogies = training_analogies(relations, basis_settings.n_pairs, map_settings.stems_per_relation,
+                                       map_settings.targets_per_stem, map_settings.seed)
         cmap = fit_composite_map(patcher, tokenizer, basis, analogies, map_settings, progress)
-        cmap.metadata["training_analogies"] = {"source": "two spare pairs of one basis relation",
+        cmap.metadata["training_analogies"] = {"source": "two spare pairs (not trained on) of one basis relation",
                                                "excluded_test_pairs": len(exclude), "count": len(analogies)}
         path = save_composite_map(cmap, model_name)
     progress(f"[ffv] composite map saved: {path}")
@@ -63,9 +65,8 @@ def explain_pairs(pairs: list[str], model_name: str = DEFAULT_MODEL, basis_dir=N
         if not sep or not a.strip() or not b.strip():
             raise SettingError(f"--pair {text!r}: expected a:b")
         stems.append((a.strip(), b.strip()))
-    directory = Path(basis_dir) if basis_dir else default_basis_dir(model_name)
     model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
-    composite = CompositeVectors(Patcher(model), tokenizer, load_composite_map(directory, model_fingerprint(model)))
+    composite = CompositeVectors(Patcher(model), tokenizer, model_composite_map(model_name, model_fingerprint(model), basis_dir))
     out = []
     for a, b in stems:
         rows = composite.explain(a, b, top)

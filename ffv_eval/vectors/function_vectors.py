@@ -145,21 +145,24 @@ def without_right_padding(row: Sequence[int], pad_id: int) -> tuple[int, ...]:
     return tuple(row[:end])
 
 
-def answer_log_probs(adapter, final_hidden: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_log_probs(adapter, final_hidden: torch.Tensor, answers: torch.Tensor, with_top_ids: bool = False):
     """Per row of final-normed hidden states [N, hidden]: log P(answers[n]) and whether it is the
-    most likely token, [N] each, unembedding at most LOGIT_ROWS rows at a time. Differentiable:
-    under autograd each chunk's logits are recomputed in the backward pass instead of kept."""
-    log_probs, top = [], []
+    most likely token, [N] each (with_top_ids: also the most likely token), unembedding at most
+    LOGIT_ROWS rows at a time. Differentiable: under autograd each chunk's logits are recomputed
+    in the backward pass instead of kept."""
+    log_probs, top_ids = [], []
     keep_graph = torch.is_grad_enabled() and final_hidden.requires_grad
     for start in range(0, final_hidden.shape[0], LOGIT_ROWS):
         rows = slice(start, start + LOGIT_ROWS)
         if keep_graph:
-            log_prob, is_top = checkpoint(_chunk_log_probs, adapter, final_hidden[rows], answers[rows], use_reentrant=False)
+            log_prob, top = checkpoint(_chunk_log_probs, adapter, final_hidden[rows], answers[rows], use_reentrant=False)
         else:
-            log_prob, is_top = _chunk_log_probs(adapter, final_hidden[rows], answers[rows])
+            log_prob, top = _chunk_log_probs(adapter, final_hidden[rows], answers[rows])
         log_probs.append(log_prob)
-        top.append(is_top)
-    return torch.cat(log_probs), torch.cat(top)
+        top_ids.append(top)
+    top_ids = torch.cat(top_ids)
+    is_top = top_ids == answers.to(top_ids.device)
+    return (torch.cat(log_probs), is_top, top_ids) if with_top_ids else (torch.cat(log_probs), is_top)
 
 
 def _chunk_log_probs(adapter, hidden: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +170,7 @@ def _chunk_log_probs(adapter, hidden: torch.Tensor, answers: torch.Tensor) -> tu
     logits = adapter.unembed(hidden).float()
     answers = answers.to(logits.device)
     log_prob = logits.log_softmax(-1).gather(-1, answers[:, None])[:, 0]
-    return log_prob, logits.argmax(-1) == answers
+    return log_prob, logits.argmax(-1)
 
 
 def pad_id_of(tokenizer) -> int:
