@@ -138,8 +138,12 @@ def test_lm_eval_without_model_args_patches_each_task_with_its_own_vector(auto_l
         whole = slice(2 * n * q, 2 * n * q + n)
         c_part = slice(2 * n * q + n, 2 * n * (q + 1))
         assert max(abs(x - y) for x, y in zip(auto_u2[whole], plain_u2[whole])) > 0.05, q
-        assert auto_u2[c_part] == pytest.approx(plain_u2[c_part], abs=1e-5), q
-    assert lls(auto, "relation_antonym") != lls(plain, "relation_antonym")
+        assert auto_u2[c_part] == pytest.approx(plain_u2[c_part], abs=1e-4), q  # float32 rounding of other batch shapes
+    def generations(out):
+        return [s["resps"][0][0] for s in sorted(out["samples"]["relation_antonym"], key=lambda s: s["doc_id"])]
+
+    assert generations(auto) != generations(plain)
+    assert auto["results"]["relation_antonym"]["exact_match,none"] > plain["results"]["relation_antonym"]["exact_match,none"]
 
 
 # -- the score of D given C ------------------------------------------------------------------------

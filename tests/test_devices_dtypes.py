@@ -110,6 +110,7 @@ def test_compare_passes_the_placement_to_lm_eval(monkeypatch):
 MODEL_SUBCOMMANDS = [
     ["extract", "--relation", "antonym"], ["train", "--relation", "antonym"], ["decode", "antonym"], ["build-library"],
     ["compare"], ["check"], ["basis", "build"], ["compose", "--pair", "hot:cold"], ["align"],
+    ["explain-cfv", "leaderboards/results/analogies", "--task", "u2_analogy"],
 ]
 
 
