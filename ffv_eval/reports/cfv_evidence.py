@@ -34,8 +34,7 @@ import numpy as np
 
 from ffv_eval.errors import FFVError, SettingError
 from ffv_eval.files.atomic import atomic_write_text, check_writable
-from ffv_eval.files.json_lines import json_line_objects
-from ffv_eval.reports.leaderboard_results import Entry, condition_sort_key, display_path, newest_entries, read_entries
+from ffv_eval.reports.leaderboard_results import Entry, condition_sort_key, display_path, newest_entries, read_entries, sample_lines
 from ffv_eval.reports.paired import Outcome, match_outcomes
 
 MARKER = "⟨+CFV⟩"
@@ -141,12 +140,7 @@ def find_runs(results_dir: str | os.PathLike, model: str, task: str, condition: 
 def read_samples(entry: Entry) -> dict[int, tuple[int, dict]]:
     """doc_id -> (line number, sample) of the entry's filter."""
     samples: dict[int, tuple[int, dict]] = {}
-    for lineno, line in json_line_objects(entry.samples, EvidenceError):
-        if line.get("filter", "none") != entry.filter:
-            continue
-        doc_id = line.get("doc_id")
-        if isinstance(doc_id, bool) or not isinstance(doc_id, int):
-            raise EvidenceError(f"{entry.samples}: line {lineno}: field 'doc_id' should be an integer, got {doc_id!r}")
+    for lineno, doc_id, line in sample_lines(entry, EvidenceError):
         if not isinstance(line.get("doc"), dict):
             raise EvidenceError(f"{entry.samples}: line {lineno}: field 'doc' should be an object (lm-eval's document)")
         samples[doc_id] = (lineno, line)

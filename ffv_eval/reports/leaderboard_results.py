@@ -367,18 +367,26 @@ def samples_file(results_path: Path, task: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def sample_lines(entry: Entry, error: type[Exception] = LeaderboardError):
+    """(line number, doc_id, sample) for each line of the entry's samples file in the entry's
+    filter (lm-eval writes one line per question and filter); a doc_id that is not an integer is
+    an `error` naming the file and line."""
+    for lineno, line in json_line_objects(entry.samples, error):
+        if line.get("filter", "none") != entry.filter:
+            continue
+        doc_id = line.get("doc_id")
+        if isinstance(doc_id, bool) or not isinstance(doc_id, int):
+            raise error(f"{entry.samples}: line {lineno}: field 'doc_id' should be an integer, got {doc_id!r}")
+        yield lineno, doc_id, line
+
+
 def read_outcomes(entry: Entry) -> dict[str, list[Outcome]]:
     """metric -> each question's outcome in the entry's samples file (lines of the entry's
     filter; lm-eval writes one line per question and filter)."""
     if entry.samples is None:
         raise LeaderboardError(f"{entry.source}: no samples file for task {entry.task} (run lm-eval with --log_samples)")
     outcomes: dict[str, list[Outcome]] = {metric: [] for metric in entry.scores}
-    for lineno, line in json_line_objects(entry.samples, LeaderboardError):
-        if line.get("filter", "none") != entry.filter:
-            continue
-        doc_id = line.get("doc_id")
-        if isinstance(doc_id, bool) or not isinstance(doc_id, int):
-            raise LeaderboardError(f"{entry.samples}: line {lineno}: field 'doc_id' should be an integer, got {doc_id!r}")
+    for lineno, doc_id, line in sample_lines(entry):
         doc_hash = line.get("doc_hash") if isinstance(line.get("doc_hash"), str) else None
         for metric, found in outcomes.items():
             value = _number(line.get(metric))

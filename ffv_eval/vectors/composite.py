@@ -255,12 +255,11 @@ def completion_check(patcher, tokenizer, analogies: Sequence[Analogy], layer: in
     for start in range(0, len(analogies), batch_size):
         chunk = analogies[start : start + batch_size]
         rows = None if vectors is None else vectors[start : start + batch_size]
-        prompts = encode_prompts(tokenizer, [one_shot_prompt(x.a, x.b, x.c) for x in chunk], [x.d for x in chunk])
         _, top, top_ids = completion_scores(patcher, tokenizer, chunk, layer, rows, with_top_ids=True)
         hits += int(top.sum())
-        for x, token, answer in zip(chunk, top_ids.tolist(), prompts.answer_ids):
+        for x, is_d, token in zip(chunk, top.tolist(), top_ids.tolist()):
             prompt = one_shot_prompt(x.a, x.b, x.c)
-            repeats += token != answer and token in {answer_token_id(tokenizer, prompt, w) for w in (x.a, x.b, x.c)}
+            repeats += not is_d and token in {answer_token_id(tokenizer, prompt, w) for w in (x.a, x.b, x.c)}
     n = max(1, len(analogies))
     return {"accuracy": hits / n, "repeats_abc": repeats / n}
 
