@@ -73,7 +73,7 @@ def _build_library(args) -> None:
 
 
 def _compare(args) -> None:
-    from ffv_eval.reports.comparison import compare_conditions
+    from ffv_eval.evaluation.compare import compare_conditions
 
     compare_conditions(args.model, args.relations, limit=args.limit, placement=placement_of(args),
                        data_dir=args.data_dir, output=args.output, kinds=args.kinds,
@@ -82,7 +82,7 @@ def _compare(args) -> None:
 
 
 def _check(args) -> int:
-    from ffv_eval.reports.quality_gate import Tolerances, run_check
+    from ffv_eval.evaluation.quality_gate import Tolerances, run_check
 
     tolerances = Tolerances(**_given(max_accuracy_drop=args.max_accuracy_drop, max_gain_drop=args.max_gain_drop,
                                      max_decoding_hit_drop=args.max_decoding_hit_drop,
@@ -111,7 +111,7 @@ def _compose(args) -> None:
 
 
 def _leaderboard(args) -> None:
-    from ffv_eval.reports.leaderboard import leaderboard_command
+    from ffv_eval.evaluation.leaderboard import leaderboard_command
 
     prefix = args.out_prefix
     leaderboard_command(args.results_dirs, args.markdown or f"{prefix}.md", args.csv or f"{prefix}.csv",
@@ -122,14 +122,14 @@ def _leaderboard(args) -> None:
 
 
 def _explain_cfv(args) -> None:
-    from ffv_eval.reports.cfv_evidence import explain_cfv
+    from ffv_eval.evaluation.cfv_posteriors import explain_cfv_with_model as explain_cfv
 
     explain_cfv(args.results_dir, args.model, args.task, output=args.output, condition=args.condition, metric=args.metric,
                 basis_dir=args.basis, placement=placement_of(args), **_given(limit=args.limit, only=args.only, top=args.top))
 
 
 def _align(args) -> None:
-    from ffv_eval.reports.alignment import align_shipped_vectors
+    from ffv_eval.evaluation.alignment import align_shipped_vectors
 
     align_shipped_vectors(args.model, data_dir=args.data_dir, output=args.output, markdown=args.markdown,
                           max_comparisons=args.max_comparisons, max_subcategories=args.max_subcategories,

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from ffv_eval.reports.alignment import (
+from ffv_eval.evaluation.alignment import (
     Comparison, bootstrap_interval, prototypicality_alignment, read_relsim, relsim_alignment, spearman,
 )
 from ffv_eval.data.relations import RelationDataError

@@ -234,7 +234,9 @@ def test_posteriors_of_smollm2_with_its_shipped_basis(choice_results):
     if not (basis / "composite.json").exists():
         pytest.skip(f"no shipped basis at {basis}")
     names = json.loads((basis / "composite.json").read_text())["basis"]
-    report = explain_cfv(choice_results, MODEL, "u2_analogy", limit=2, basis_dir=basis, print_=lambda *a, **k: None)
+    from ffv_eval.evaluation.cfv_posteriors import explain_cfv_with_model
+
+    report = explain_cfv_with_model(choice_results, MODEL, "u2_analogy", limit=2, basis_dir=basis, print_=lambda *a, **k: None)
     tables = [block.split("|---|---:|---:|\n")[1].split("\n\n")[0].splitlines()
               for block in report.split("| basis relation | posterior | weight |\n")[1:]]
     assert [len(rows) for rows in tables] == [5, 5]  # 2 documents x top 5

@@ -90,7 +90,7 @@ def test_lm_eval_gets_the_placement_as_hflm_model_args(monkeypatch):
 
 def test_compare_passes_the_placement_to_lm_eval(monkeypatch):
     from ffv_eval.harness import model as lm_model
-    from ffv_eval.reports.comparison import compare_conditions
+    from ffv_eval.evaluation.compare import compare_conditions
 
     seen = {}
 
@@ -375,7 +375,7 @@ def test_composite_map_fit_with_bounded_logits_equals_unbounded(monkeypatch):
 # -- 1. tensors on the model's device ----------------------------------------------------------
 FACTORIES = {"tensor", "zeros", "ones", "full", "arange", "empty", "eye", "randn", "rand", "randint", "linspace"}
 DEVICE_MODULES = ["vectors/function_vectors", "vectors/fine_tuning", "vectors/composite", "vectors/basis", "vectors/decoding",
-                  "reports/quality_gate", "reports/alignment", "models/loading", "models/patching"]
+                  "evaluation/quality_gate", "evaluation/alignment", "models/loading", "models/patching"]
 
 
 def test_no_tensor_is_made_without_naming_its_device():
@@ -458,7 +458,7 @@ def test_bfloat16_models_score_and_train_in_float32(make):
 
 def test_jobs_run_in_bfloat16_and_store_float32_vectors(tmp_path):
     """extract, train, decode and the quality measurement on a tiny bfloat16 checkpoint."""
-    from ffv_eval.reports.quality_gate import measure_quality
+    from ffv_eval.evaluation.quality_gate import measure_quality
     from ffv_eval.vectors.jobs import decode_and_print, extract_and_save, train_and_save
     from ffv_eval.vectors.store import load_vector
 
@@ -496,7 +496,7 @@ def test_gemma_trains_in_bfloat16_from_the_float32_fv(tmp_path):
 @pytest.mark.slow
 def test_gemma_quality_gate_passes_in_bfloat16_against_the_float32_baseline():
     from ffv_eval.reports.quality_baseline import compare_with_baseline, load_baseline
-    from ffv_eval.reports.quality_gate import measure_quality
+    from ffv_eval.evaluation.quality_gate import measure_quality
 
     baseline = load_baseline(VECTORS_DIR / "gemma-3-270m" / "quality-baseline.json")
     measured = measure_quality("gemma-3-270m", [VECTORS_DIR / "gemma-3-270m" / "ffv" / "antonym.safetensors"],

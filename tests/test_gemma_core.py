@@ -293,7 +293,7 @@ def test_ffv_cli_bad_input_exits_with_a_named_error_and_writes_nothing(tmp_path)
 def test_main_job_compares_zero_shot_patched_and_few_shot(tmp_path, gemma):
     from scipy.stats import sem
 
-    from ffv_eval.reports.comparison import compare_conditions, format_table
+    from ffv_eval.evaluation.compare import compare_conditions, format_table
 
     out = tmp_path / "comparison.json"
     report = compare_conditions("gemma-3-270m", ["antonym"], limit=6, batch_size=8, num_fewshot=3, output=str(out))

@@ -22,7 +22,7 @@ from ffv_eval.reports import leaderboard_render
 from ffv_eval.reports.leaderboard_render import COMPOSITE_RELATION, format_markdown, vector_rows, write_csv, write_leaderboard
 from ffv_eval.reports.leaderboard_results import (PROJECT_DATA, LeaderboardError, build_leaderboard, condition_name,
                                                   primary_metric, samples_file)
-from ffv_eval.reports.leaderboard_runs import expand_tasks, plan_runs, plan_tasks, planned_vector, runs_to_do
+from ffv_eval.evaluation.leaderboard_runs import expand_tasks, plan_runs, plan_tasks, planned_vector, runs_to_do
 from ffv_eval.reports.paired import MCNEMAR, WILCOXON, paired_gain
 
 # Debian names it chromium, Ubuntu chromium-browser; Google's build is google-chrome

@@ -159,7 +159,7 @@ def _copy_vector(source: Path, target: Path) -> None:
 
 
 def test_names_resolve_in_the_working_directory_first(tmp_path, monkeypatch):
-    from ffv_eval.reports.quality_gate import default_baseline_path, shipped_vector_paths
+    from ffv_eval.evaluation.quality_gate import default_baseline_path, shipped_vector_paths
     from ffv_eval.vectors.jobs import extract_and_save, train_and_save
     from ffv_eval.vectors.store import find_vectors, shipped_path
 

@@ -156,7 +156,7 @@ def test_identical_sets_do_not_differ():
 def _toy_alignment():
     """Profiles where set `good` follows the ratings and set `noise` does not, over the same
     comparisons and subcategories."""
-    from ffv_eval.reports.alignment import Comparison, prototypicality_alignment, relsim_alignment, relsim_similarities
+    from ffv_eval.evaluation.alignment import Comparison, prototypicality_alignment, relsim_alignment, relsim_similarities
 
     torch.manual_seed(0)
     pairs = [(f"a{i}", f"b{i}") for i in range(24)]
@@ -182,7 +182,7 @@ def _toy_alignment():
 def test_align_compares_each_set_with_the_first_paired():
     from scipy import stats
 
-    from ffv_eval.reports.alignment import compare_sets, format_alignment_markdown
+    from ffv_eval.evaluation.alignment import compare_sets, format_alignment_markdown
 
     sets, similarities, comparisons = _toy_alignment()
     comparison = compare_sets(similarities, comparisons, sets, resamples=2000)
@@ -206,7 +206,7 @@ def test_align_compares_each_set_with_the_first_paired():
 def test_the_leaderboard_shows_the_paired_alignment_rows(tmp_path):
     import json
 
-    from ffv_eval.reports.alignment import compare_sets
+    from ffv_eval.evaluation.alignment import compare_sets
     from ffv_eval.reports.leaderboard_sections import alignment_section
 
     sets, similarities, comparisons = _toy_alignment()

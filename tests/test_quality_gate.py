@@ -171,7 +171,7 @@ def damaged_copy(tmp_path):
 @pytest.mark.slow
 def test_the_gate_on_gemma_passes_shipped_vectors_and_fails_a_damaged_one(gemma, tmp_path, capsys):
     from ffv_eval.cli import main
-    from ffv_eval.reports.quality_gate import default_baseline_path, measure_quality
+    from ffv_eval.evaluation.quality_gate import default_baseline_path, measure_quality
 
     shipped_baseline = load_baseline(default_baseline_path("gemma-3-270m"))
     shipped_fv = VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors"

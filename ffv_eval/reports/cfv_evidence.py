@@ -279,23 +279,6 @@ def select(questions: Sequence[Question], only: str, metric: str, limit: int) ->
 
 # -- the posterior -------------------------------------------------------------------------------
 
-def cfv_posteriors(model: str, stems: Sequence[tuple[str, str]], top: int, basis_dir=None, placement=None) -> Posteriors:
-    """The top basis relations, posterior and weight, of each source pair's CFV: the model
-    loaded, the fitted map of `basis_dir` (None: the model's own), CompositeVectors.explain."""
-    from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint
-    from ffv_eval.models.patching import Patcher
-    from ffv_eval.vectors.composite import CompositeVectors, model_composite_map
-
-    placement = (placement or Placement()).checked()
-    loaded, tokenizer = load_model_and_tokenizer(model, **vars(placement))
-    fingerprint = model_fingerprint(loaded)
-    cmap = model_composite_map(model, fingerprint, basis_dir)
-    composite = CompositeVectors(Patcher(loaded), tokenizer, cmap)
-    composite.prepare(list(stems))  # batched
-    return Posteriors({stem: composite.explain(*stem, top) for stem in stems}, Path(cmap.basis.directory),
-                      cmap.posterior_kind, fingerprint)
-
-
 def _posterior_notes(posteriors: Posteriors, patched: Entry) -> list[str]:
     """Where today's basis or model differ from the run's (the posterior shown is today's)."""
     from ffv_eval.files.hashes import vector_sha256
@@ -410,7 +393,8 @@ def explain_cfv(results_dir: str | os.PathLike, model: str, task: str, limit: in
                 top: int = DEFAULT_TOP, basis_dir=None, placement=None,
                 posteriors_of: Callable[..., Posteriors] | None = None, print_=print) -> str:
     """The report for one model and task of `results_dir`, written atomically to `output`, else
-    printed. `top` basis relations per question (0: no posterior, no model loaded); `basis_dir`
+    printed. `top` basis relations per question (0: no posterior, no model loaded), computed by
+    `posteriors_of` (evaluation.cfv_posteriors.cfv_posteriors loads the model); `basis_dir`
     (default: the one the run recorded, where it exists here, else the model's own)."""
     if limit < 1:
         raise SettingError(f"--limit {limit}: expected a number of documents, at least 1")
@@ -432,7 +416,9 @@ def explain_cfv(results_dir: str | os.PathLike, model: str, task: str, limit: in
     posteriors, notes = None, []
     if top and shown:
         stems = list(dict.fromkeys((q.doc["a"], q.doc["b"]) for q in shown))
-        posteriors = (posteriors_of or cfv_posteriors)(model, stems, top, basis_dir or run_basis_dir(patched), placement)
+        if posteriors_of is None:
+            raise SettingError("the posteriors need a model: pass posteriors_of (ffv_eval.evaluation.cfv_posteriors), or top=0")
+        posteriors = posteriors_of(model, stems, top, basis_dir or run_basis_dir(patched), placement)
         notes = _posterior_notes(posteriors, patched)
     report = render(base, patched, questions, shown, only, metric, limit, posteriors, notes)
     if output is not None:
