@@ -15,6 +15,8 @@ import time
 import torch
 
 from ffv_eval.vectors import function_vectors as fv
+
+from ffv_eval.models import tokens
 from ffv_eval.models.loading import input_device, load_model_and_tokenizer
 from ffv_eval.models.patching import Patcher
 from ffv_eval.data.relations import load_relation
@@ -36,10 +38,10 @@ def main() -> None:
     reset_peak(device)
     relation = load_relation(args.relation)
     rng = random.Random(0)
-    clean = fv.encode_prompts(tok, *fv.icl_prompts(relation.train, 8, 10, rng, False))
-    mean_heads = fv.mean_head_outputs(patcher, clean, fv.pad_id_of(tok))
-    corrupted = fv.encode_prompts(tok, *fv.icl_prompts(relation.train, args.prompts, 10, rng, True))
-    fv.indirect_effects(patcher, fv.PromptSet(corrupted.input_ids[:1], corrupted.answer_ids[:1]), mean_heads)  # warm-up
+    clean = tokens.encode_prompts(tok, *fv.icl_prompts(relation.train, 8, 10, rng, False))
+    mean_heads = fv.mean_head_outputs(patcher, clean, tokens.pad_id_of(tok))
+    corrupted = tokens.encode_prompts(tok, *fv.icl_prompts(relation.train, args.prompts, 10, rng, True))
+    fv.indirect_effects(patcher, tokens.PromptSet(corrupted.input_ids[:1], corrupted.answer_ids[:1]), mean_heads)  # warm-up
 
     t = time.perf_counter()
     fast = fv.indirect_effects(patcher, corrupted, mean_heads, args.head_batch)

@@ -199,14 +199,15 @@ class CheckData:
 
 def check_data(tokenizer) -> CheckData:
     from ffv_eval.vectors import function_vectors as fv
-    from ffv_eval.vectors.composite import one_shot_prompt
+    from ffv_eval.models import tokens
+    from ffv_eval.vectors.composite_fit import one_shot_prompt
     from ffv_eval.data.prompts import query_text
     from ffv_eval.data.relations import load_project_relation
 
     relation = load_project_relation(RELATION)
     rng = random.Random(SEED)
-    clean = fv.encode_prompts(tokenizer, *fv.icl_prompts(relation.train, 4, 5, rng, False))
-    corrupted = fv.encode_prompts(tokenizer, *fv.icl_prompts(relation.train, 2, 5, rng, True))
+    clean = tokens.encode_prompts(tokenizer, *fv.icl_prompts(relation.train, 4, 5, rng, False))
+    corrupted = tokens.encode_prompts(tokenizer, *fv.icl_prompts(relation.train, 2, 5, rng, True))
     test = relation.test
     ll = [(query_text(p.input), " " + p.output) for p in test[:4]]
     ll += [(one_shot_prompt(p.input, p.output, q.input), " " + q.output + " and " + p.output) for p, q in zip(test[4:6], test[6:8])]
@@ -270,6 +271,7 @@ def lm_eval_outputs(model, tokenizer, vector_path: str, scale: float, data: Chec
 
 def check_family(family: str, device: torch.device, tokenizer, data: CheckData, report: Report, workdir: Path) -> None:
     from ffv_eval.vectors import function_vectors as fv
+    from ffv_eval.models import tokens
     from ffv_eval.vectors.basis import Basis
     from ffv_eval.vectors.composite import CompositeMap, relation_posterior
     from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector
@@ -282,7 +284,7 @@ def check_family(family: str, device: torch.device, tokenizer, data: CheckData, 
     ref = build_tiny_model(family, vocab_size=TINY_VOCAB, dtype=torch.float32, device="cpu", seed=SEED)
     dev = build_tiny_model(family, vocab_size=TINY_VOCAB, dtype=torch.bfloat16, device=device, seed=SEED)
     ref_p, dev_p = Patcher(ref), Patcher(dev)
-    pad = fv.pad_id_of(tokenizer)
+    pad = tokens.pad_id_of(tokenizer)
     layer = ref_p.adapter.n_layers // 2
 
     # (a) mean head outputs; indirect effects of the same mean outputs (the reference's), cached scan
@@ -431,15 +433,16 @@ def speed_mediation(args, run: SpeedRun, report: Report) -> None:
     """The cached indirect-effect scan of every head on args.prompts 10-shot prompts, against the
     one-forward-per-head loop on args.loop_heads heads of one prompt, extrapolated."""
     from ffv_eval.vectors import function_vectors as fv
+    from ffv_eval.models import tokens
 
     device, patcher, tokenizer, a = run.device, run.patcher, run.tokenizer, run.patcher.adapter
     rng = random.Random(SEED)
-    clean = fv.encode_prompts(tokenizer, *fv.icl_prompts(run.relation.train, 8, 10, rng, False))
-    corrupted = fv.encode_prompts(tokenizer, *fv.icl_prompts(run.relation.train, args.prompts, 10, rng, True))
+    clean = tokens.encode_prompts(tokenizer, *fv.icl_prompts(run.relation.train, 8, 10, rng, False))
+    corrupted = tokens.encode_prompts(tokenizer, *fv.icl_prompts(run.relation.train, args.prompts, 10, rng, True))
     tokens = sum(map(len, corrupted.input_ids)) / len(corrupted.input_ids)
     reset_peak(device)
-    run.mean_heads = mean_heads = fv.mean_head_outputs(patcher, clean, fv.pad_id_of(tokenizer))
-    one = fv.PromptSet(corrupted.input_ids[:1], corrupted.answer_ids[:1])
+    run.mean_heads = mean_heads = fv.mean_head_outputs(patcher, clean, tokens.pad_id_of(tokenizer))
+    one = tokens.PromptSet(corrupted.input_ids[:1], corrupted.answer_ids[:1])
     fv.indirect_effects(patcher, one, mean_heads)  # warm-up
     effects, scan_s = timed(device, lambda: fv.indirect_effects(patcher, corrupted, mean_heads))
     run.effects = effects
@@ -494,7 +497,7 @@ def speed_scoring(args, run: SpeedRun, report: Report) -> None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from ffv_eval.vectors.composite import one_shot_prompt
+    from ffv_eval.vectors.composite_fit import one_shot_prompt
     from ffv_eval.vectors.fine_tuning import random_like
     from ffv_eval.harness.model import FFVPatchedLM
     from ffv_eval.models.loading import model_fingerprint

@@ -93,7 +93,7 @@ def _check(args) -> int:
 
 def _basis_build(args) -> None:
     from ffv_eval.vectors.basis import BasisSettings
-    from ffv_eval.vectors.composite import MapSettings
+    from ffv_eval.vectors.composite_fit import MapSettings
     from ffv_eval.vectors.composite_jobs import build_basis_and_map
 
     build_basis_and_map(args.model, args.data_dir, args.sources, args.out, args.force,

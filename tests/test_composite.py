@@ -49,7 +49,8 @@ def test_batched_training_of_several_relations_equals_training_each_alone():
 def small_basis(gemma, tmp_path_factory):
     from ffv_eval.vectors.basis import BasisSettings, build_basis
     from ffv_eval.data.basis_sources import basis_relations
-    from ffv_eval.vectors.composite import MapSettings, fit_composite_map, save_composite_map, training_analogies
+    from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
+    from ffv_eval.vectors.composite import save_composite_map
     from ffv_eval.models.loading import model_fingerprint
 
     model, tok = gemma
@@ -171,7 +172,7 @@ def test_cfv_is_patched_where_d_is_predicted_in_lm_eval(small_basis, shared_data
 @pytest.mark.slow
 def test_cached_basis_scores_equal_full_forward_scores(small_basis):
     from ffv_eval.vectors.composite import basis_logprobs
-    from ffv_eval.vectors.function_vectors import answer_scores
+    from ffv_eval.vectors.scoring import answer_scores
 
     b = small_basis
     stems = [("hot", "cold"), ("France", "Paris"), ("mouse", "mice"), ("walk", "walked")]
@@ -207,7 +208,7 @@ def _tiny_basis(n=5, seed=7):
 
 def test_batched_posterior_equals_one_source_pair_per_pass_and_its_baseline_is_unpatched(monkeypatch):
     from ffv_eval.vectors import composite
-    from ffv_eval.vectors.function_vectors import encode_continuation
+    from ffv_eval.models.tokens import encode_continuation
 
     patcher, tok, basis = Patcher(tiny_llama()), CharTokenizer(), _tiny_basis()
     stems = [("ab", "ba"), ("abc", "cd"), ("x", "yy"), ("cd", "dc"), ("efg", "h")]  # three prompt lengths
@@ -237,7 +238,7 @@ def test_calibrated_posterior_discounts_a_relation_that_raises_every_answer():
 
 
 def test_fitted_temperature_is_the_likelihood_optimum():
-    from ffv_eval.vectors.composite import fit_temperature
+    from ffv_eval.vectors.composite_fit import fit_temperature
 
     scores = torch.randn(60, 7, generator=torch.Generator().manual_seed(3)) * 4
     truth = [int(i) for i in (scores + torch.randn(60, 7, generator=torch.Generator().manual_seed(4)) * 3).argmax(-1)]
@@ -250,7 +251,8 @@ def test_fitted_temperature_is_the_likelihood_optimum():
 
 def test_map_fit_holds_relations_out_and_keeps_what_validation_supports(tmp_path):
     from ffv_eval.vectors.basis import Basis
-    from ffv_eval.vectors.composite import Analogy, MapSettings, fit_composite_map, load_composite_map, save_composite_map
+    from ffv_eval.vectors.composite_fit import Analogy, MapSettings, fit_composite_map
+    from ffv_eval.vectors.composite import load_composite_map, save_composite_map
     from ffv_eval.vectors.store import save_vector
 
     patcher, tok = Patcher(tiny_llama()), CharTokenizer()

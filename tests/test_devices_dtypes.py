@@ -14,8 +14,11 @@ import torch
 
 from ffv_eval import VECTORS_DIR
 from ffv_eval.vectors import function_vectors as fv
+from ffv_eval.models import tokens
+from ffv_eval.vectors import scoring
 from ffv_eval.vectors.basis import Basis
-from ffv_eval.vectors.composite import Analogy, MapSettings, basis_logprobs, completion_scores, fit_composite_map
+from ffv_eval.vectors.composite_fit import Analogy, MapSettings, completion_scores, fit_composite_map
+from ffv_eval.vectors.composite import basis_logprobs
 from ffv_eval.vectors.decoding import decode_vector
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
 from ffv_eval.models.loading import Placement, PlacementError, input_device, load_model_and_tokenizer, model_fingerprint
@@ -229,7 +232,7 @@ def lm_eval_continuation(tokenizer, context: str, continuation: str) -> list[int
 def _check_answer_tokens(tokenizer, pairs):
     for pair in pairs:
         prompt = query_text(pair.input)
-        token = fv.answer_token_id(tokenizer, prompt, pair.output)
+        token = tokens.answer_token_id(tokenizer, prompt, pair.output)
         assert token == lm_eval_continuation(tokenizer, prompt, " " + pair.output)[0], pair
         piece = tokenizer.convert_ids_to_tokens([token])[0]
         assert piece not in ("▁", "Ġ", " ") and tokenizer.decode([token]).strip(), (pair, piece)
@@ -243,7 +246,7 @@ def test_answer_tokens_with_a_dummy_prefix_sentencepiece_tokenizer_are_the_words
         alone = tokenizer(" " + pair.output, add_special_tokens=False).input_ids
         assert tokenizer.convert_ids_to_tokens(alone)[0] == "▁"
     _check_answer_tokens(tokenizer, pairs)
-    prompts = fv.encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
+    prompts = tokens.encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
     assert prompts.input_ids[0] == tokenizer(query_text("hot")).input_ids
     assert tokenizer.convert_ids_to_tokens(prompts.answer_ids) == ["▁cold", "▁small", "▁down", "▁slow"]
 
@@ -272,7 +275,7 @@ def test_answer_tokens_with_a_trained_sentencepiece_model_are_the_words_first_pi
     for pair in pairs:  # the problem: the word tokenized alone starts with a bare "▁" piece
         assert tokenizer.convert_ids_to_tokens(tokenizer(" " + pair.output, add_special_tokens=False).input_ids)[0] == "▁"
     _check_answer_tokens(tokenizer, pairs)
-    prompts = fv.encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
+    prompts = tokens.encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
     assert tokenizer.convert_ids_to_tokens(prompts.answer_ids[:2]) == ["▁cold", "▁small"]
 
 
@@ -293,10 +296,10 @@ def test_continuations_move_trailing_whitespace_and_refuse_a_merged_prompt():
     from ffv_eval.models.loading import resolve_pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("smollm2-135m"))
-    assert fv.encode_continuation(tokenizer, "Q: hot\nA: ", "cold") == fv.encode_continuation(tokenizer, "Q: hot\nA:", " cold")
-    assert fv.encode_continuation(tokenizer, "Q: hot\nA: ", "cold")[1] == lm_eval_continuation(tokenizer, "Q: hot\nA: ", "cold")
+    assert tokens.encode_continuation(tokenizer, "Q: hot\nA: ", "cold") == tokens.encode_continuation(tokenizer, "Q: hot\nA:", " cold")
+    assert tokens.encode_continuation(tokenizer, "Q: hot\nA: ", "cold")[1] == lm_eval_continuation(tokenizer, "Q: hot\nA: ", "cold")
     with pytest.raises(ValueError, match="the prompt's tokens are not a prefix of the tokens of prompt \\+ answer"):
-        fv.encode_continuation(tokenizer, "Q: hot\nA: co", "ld")
+        tokens.encode_continuation(tokenizer, "Q: hot\nA: co", "ld")
 
 
 # -- 4. bounded logits ----------------------------------------------------------------------------
@@ -316,10 +319,10 @@ def _bounded_and_unbounded(monkeypatch, run, rows=3):
     """run(patcher) with LOGIT_ROWS = rows (and the unembedding's row counts), then unbounded."""
     patcher = Patcher(tiny_llama())
     counter = RowCounter(patcher.adapter)
-    monkeypatch.setattr(fv, "LOGIT_ROWS", rows)
+    monkeypatch.setattr(scoring, "LOGIT_ROWS", rows)
     bounded = run(patcher)
     seen = list(counter.rows)
-    monkeypatch.setattr(fv, "LOGIT_ROWS", 10**9)
+    monkeypatch.setattr(scoring, "LOGIT_ROWS", 10**9)
     return bounded, run(patcher), seen
 
 
@@ -331,13 +334,13 @@ def _same(a, b):
 
 def test_answer_scores_unembed_at_most_logit_rows_and_equal_the_unchunked_scores(monkeypatch):
     vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
-    bounded, full, rows = _bounded_and_unbounded(monkeypatch, lambda p: fv.answer_scores(p, CharTokenizer(), PAIRS, 1, vectors))
+    bounded, full, rows = _bounded_and_unbounded(monkeypatch, lambda p: scoring.answer_scores(p, CharTokenizer(), PAIRS, 1, vectors))
     assert max(rows) == 3 and sum(rows) == 3 * len(PAIRS)
     assert _same(bounded, full) and bounded[0].shape == (3, len(PAIRS))
 
 
 def test_mediation_batches_hold_at_most_logit_rows(monkeypatch):
-    prompts = fv.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
+    prompts = tokens.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
     heads = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1))
     bounded, full, rows = _bounded_and_unbounded(monkeypatch, lambda p: fv.indirect_effects(p, prompts, heads, head_batch=128))
     assert max(rows) == 3 and bounded.abs().max() > 1e-4 and _same(bounded, full)
@@ -374,7 +377,7 @@ def test_composite_map_fit_with_bounded_logits_equals_unbounded(monkeypatch):
 
 # -- 1. tensors on the model's device ----------------------------------------------------------
 FACTORIES = {"tensor", "zeros", "ones", "full", "arange", "empty", "eye", "randn", "rand", "randint", "linspace"}
-DEVICE_MODULES = ["vectors/function_vectors", "vectors/fine_tuning", "vectors/composite", "vectors/basis", "vectors/decoding",
+DEVICE_MODULES = ["vectors/function_vectors", "vectors/scoring", "models/tokens", "vectors/fine_tuning", "vectors/composite", "vectors/composite_fit", "vectors/basis", "vectors/decoding",
                   "evaluation/quality_gate", "evaluation/alignment", "models/loading", "models/patching"]
 
 
@@ -393,14 +396,14 @@ def test_no_tensor_is_made_without_naming_its_device():
 
 def _pure_functions(patcher, tokenizer, vectors):
     """Each step of extraction, training, basis, composite and decoding on small inputs."""
-    prompts = fv.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
+    prompts = tokens.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
     basis = Basis(["a", "b"], vectors, 1, "x", Path("."))
     mean_heads = fv.mean_head_outputs(patcher, prompts, 0)
     torch.manual_seed(0)
     return {
         "mean_heads": mean_heads,
         "vector": fv.assemble_vector(patcher, mean_heads, [(0, 1, 0.0), (2, 3, 0.0)]),
-        "scores": fv.answer_scores(patcher, tokenizer, PAIRS, 1, vectors),
+        "scores": scoring.answer_scores(patcher, tokenizer, PAIRS, 1, vectors),
         "ffv": train_function_vector(patcher, tokenizer, PAIRS[:4], 1, vectors[0], TrainingSettings(n_pairs=4, steps=2, batch_size=2)).vector,
         "random": train_function_vector(patcher, tokenizer, PAIRS[:4], 1, vectors[0],
                                         TrainingSettings(n_pairs=4, steps=1, batch_size=2, init="random")).initial_vector,
@@ -436,10 +439,10 @@ def test_bfloat16_models_score_and_train_in_float32(make):
     half = make().to(torch.bfloat16)
     tokenizer = CharTokenizer()
     vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(6))
-    full_scores = fv.answer_scores(Patcher(model), tokenizer, PAIRS, 1, vectors)
-    half_scores = fv.answer_scores(Patcher(half), tokenizer, PAIRS, 1, vectors)
+    full_scores = scoring.answer_scores(Patcher(model), tokenizer, PAIRS, 1, vectors)
+    half_scores = scoring.answer_scores(Patcher(half), tokenizer, PAIRS, 1, vectors)
     assert half_scores[1].dtype == torch.float32 and torch.allclose(half_scores[1], full_scores[1], atol=0.1)
-    prompts = fv.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
+    prompts = tokens.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
     heads = fv.mean_head_outputs(Patcher(model), prompts, 0)
     assert fv.mean_head_outputs(Patcher(half), prompts, 0).dtype == torch.float32
     effects = fv.indirect_effects(Patcher(half), prompts, heads)

@@ -70,11 +70,13 @@ def test_the_loop_on_a_subset_of_heads_equals_the_full_loop_there_and_leaves_the
     import torch
 
     from ffv_eval.vectors import function_vectors as fv
+
+    from ffv_eval.models import tokens
     from ffv_eval.models.patching import Patcher
     from tests.conftest import tiny_llama
 
     patcher = Patcher(tiny_llama())
-    prompts = fv.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
+    prompts = tokens.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
     heads = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
     full = fv.indirect_effects_reference(patcher, prompts, heads, full_model=True)
     subset = [(0, 1), (2, 3), (1, 0)]

@@ -6,6 +6,8 @@ import random
 import torch
 
 from ffv_eval.vectors import function_vectors as fv
+
+from ffv_eval.models import tokens
 from ffv_eval.models.architectures import GemmaAdapter, UnsupportedArchitecture, adapter_for
 from ffv_eval.models.patching import Patcher
 from ffv_eval.data.relations import WordPair
@@ -60,7 +62,7 @@ def test_head_outputs_and_head_patches_match_hooks(tiny_model):
 
 def test_cached_batched_indirect_effects_equal_the_straightforward_loop(tiny_model):
     patcher = Patcher(tiny_model)
-    prompts = fv.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(3)], answer_ids=[5, 17, 33])
+    prompts = tokens.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(3)], answer_ids=[5, 17, 33])
     mean_heads = torch.randn(patcher.adapter.n_layers, patcher.adapter.n_heads, patcher.adapter.head_dim)
     fast = fv.indirect_effects(patcher, prompts, mean_heads, head_batch=5)  # several batches
     slow = fv.indirect_effects_reference(patcher, prompts, mean_heads)

@@ -37,7 +37,7 @@ from scipy import stats
 
 from ffv_eval.files.atomic import atomic_write_text
 from ffv_eval.data.basis_sources import semeval_rated_subcategories
-from ffv_eval.vectors.function_vectors import answer_scores
+from ffv_eval.vectors.scoring import answer_scores
 from ffv_eval.models.patching import Patcher
 from ffv_eval.data.relations import RelationDataError, WordPair, data_dir_from_env
 from ffv_eval.progress import no_progress, show_progress

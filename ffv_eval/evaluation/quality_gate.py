@@ -81,7 +81,7 @@ def measure_quality(model_alias: str, vector_paths: Sequence[str | Path], loaded
     from ffv_eval.models.loading import model_fingerprint
     from ffv_eval.models.patching import Patcher
     from ffv_eval.vectors.decoding import decode_vector
-    from ffv_eval.vectors.function_vectors import first_token_accuracy
+    from ffv_eval.vectors.scoring import first_token_accuracy
     from ffv_eval.vectors.store import check_compatible, load_vector
 
     stored = [load_vector(p) for p in vector_paths]  # file and data errors before any model work

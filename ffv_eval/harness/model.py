@@ -50,7 +50,7 @@ from ffv_eval.models.architectures import UnsupportedArchitecture
 from ffv_eval.models.loading import default_device, model_fingerprint, resolve_pretrained, text_config
 from ffv_eval.models.patching import Patcher, last_prompt_positions
 from ffv_eval.progress import show_progress
-from ffv_eval.vectors.function_vectors import without_right_padding
+from ffv_eval.models.tokens import without_right_padding
 from ffv_eval.vectors.store import KINDS, StoredVector, VectorNameError, check_compatible, find_vectors
 
 COMPOSITE = "cfv"

@@ -26,7 +26,9 @@ from ffv_eval.data.basis_sources import BasisRelation
 from ffv_eval.files.hashes import pairs_sha256
 from ffv_eval.errors import FFVError
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
-from ffv_eval.vectors.function_vectors import encode_prompts, first_token_scores, icl_prompts, mean_head_outputs, pad_id_of
+from ffv_eval.models.tokens import encode_prompts, pad_id_of
+from ffv_eval.vectors.scoring import first_token_scores
+from ffv_eval.vectors.function_vectors import icl_prompts, mean_head_outputs
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
 from ffv_eval.progress import no_progress

@@ -12,7 +12,8 @@ from ffv_eval.files.atomic import check_writable
 from ffv_eval.vectors.basis import BasisSettings, build_basis
 from ffv_eval.vectors.locations import basis_output_dir
 from ffv_eval.data.basis_sources import analogy_test_pairs, basis_relations
-from ffv_eval.vectors.composite import CompositeVectors, MapSettings, fit_composite_map, model_composite_map, save_composite_map, training_analogies
+from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
+from ffv_eval.vectors.composite import CompositeVectors, model_composite_map, save_composite_map
 from ffv_eval.files.lock import cache_lock
 from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint
 from ffv_eval.models.patching import Patcher

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ffv_eval.errors import FFVError, SettingError
-from ffv_eval.vectors.function_vectors import answer_log_probs, encode_prompts, pad_id_of, right_pad
+from ffv_eval.models.tokens import encode_prompts, pad_id_of, right_pad
+from ffv_eval.vectors.scoring import answer_log_probs
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
 from ffv_eval.data.prompts import query_text

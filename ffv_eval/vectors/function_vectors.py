@@ -18,21 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from ffv_eval.errors import SettingError, TokenizationError
+from ffv_eval.errors import SettingError
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
-from ffv_eval.data.prompts import answer_text, fewshot_prompt, query_text, shuffled_label_demos
+from ffv_eval.data.prompts import fewshot_prompt, shuffled_label_demos
 from ffv_eval.data.relations import RelationData, WordPair
 from ffv_eval.progress import no_progress
-
-# The most rows of full-vocabulary logits that exist at once in extraction, mediation, training,
-# basis and composite scoring (Gemma 3: 128 x 262k float32 logits = 128 MiB): `answer_log_probs`
-# unembeds this many rows at a time. Not smaller: each call reads the whole unembedding matrix, so
-# on a CPU a 64-row budget made mediation's 73-row batches of gemma-3-270m 30% slower.
-LOGIT_ROWS = 128
-
+from ffv_eval.models.tokens import PromptSet, encode_prompts, pad_id_of, right_pad
+from ffv_eval.vectors.scoring import answer_log_probs, first_token_accuracy, first_token_scores
 
 @dataclass(frozen=True)
 class ExtractionSettings:
@@ -59,54 +53,6 @@ class ExtractionResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-# -- prompts and tokens --------------------------------------------------------------------
-@dataclass(frozen=True)
-class PromptSet:
-    input_ids: list[list[int]]
-    answer_ids: list[int]  # first token of each prompt's answer
-
-
-def encode_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval finds them (`HFLM._encode_pair`): trailing
-    whitespace of the context moves into the continuation, context + continuation is tokenized
-    whole, and the continuation is the tokens after the context's own tokens. Unlike taking the
-    continuation tokenized alone, this never yields the bare dummy-prefix piece that
-    SentencePiece tokenizers (Llama 2, Mistral) put before a leading space. A context whose
-    tokens are not a prefix of the whole text's tokens (the continuation merges into the
-    context's last token) is an error."""
-    stripped = context.rstrip()
-    if stripped != context:
-        context, continuation = stripped, context[len(stripped):] + continuation
-    context_ids = list(tokenizer(context).input_ids)
-    whole_ids = list(tokenizer(context + continuation).input_ids)
-    if whole_ids[: len(context_ids)] != context_ids:
-        raise TokenizationError(f"{continuation!r} after {context[-40:]!r}: the prompt's tokens are not a prefix of the tokens of "
-                                f"prompt + answer (the answer merges into the prompt's last token); separate the answer from "
-                                f"the prompt, e.g. with a space")
-    return context_ids, whole_ids[len(context_ids):]
-
-
-def answer_token_id(tokenizer, prompt: str, word: str) -> int:
-    """The first token of the answer `word` (` word`) where it follows `prompt`, as lm-eval scores it."""
-    return _first_answer_token(encode_continuation(tokenizer, prompt, answer_text(word))[1], prompt, word)
-
-
-def _first_answer_token(answer_ids: Sequence[int], prompt: str, word: str) -> int:
-    if not answer_ids:
-        raise TokenizationError(f"answer {word!r} encodes to no tokens after {prompt[-40:]!r}")
-    return answer_ids[0]
-
-
-def encode_prompts(tokenizer, texts: Sequence[str], answers: Sequence[str]) -> PromptSet:
-    """Each prompt's ids and its answer's first token after it (see encode_continuation)."""
-    input_ids, answer_ids = [], []
-    for text, answer in zip(texts, answers, strict=True):
-        context, continuation = encode_continuation(tokenizer, text, answer_text(answer))
-        input_ids.append(context)
-        answer_ids.append(_first_answer_token(continuation, text, answer))
-    return PromptSet(input_ids, answer_ids)
-
-
 def icl_prompts(pairs: Sequence[WordPair], n_prompts: int, n_shots: int, rng: random.Random, shuffle_labels: bool):
     """n-shot prompts whose demonstrations and query are drawn from `pairs` (query never
     among its own demonstrations); with shuffle_labels the demonstrations' outputs are permuted."""
@@ -121,60 +67,6 @@ def icl_prompts(pairs: Sequence[WordPair], n_prompts: int, n_shots: int, rng: ra
         texts.append(fewshot_prompt(demos, query.input))
         answers.append(query.output)
     return texts, answers
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, S], attention mask, and each row's last real position [B], on
-    `device` (the model's input device)."""
-    width = max(len(s) for s in sequences)
-    # Built on the CPU from Python lists and moved in one copy.
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device="cpu")
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
-        mask[i, : len(s)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    return ids, mask, mask.sum(dim=1) - 1
-
-
-def without_right_padding(row: Sequence[int], pad_id: int) -> tuple[int, ...]:
-    """A right-padded row's tokens without its trailing `pad_id`s."""
-    end = len(row)
-    while end and row[end - 1] == pad_id:
-        end -= 1
-    return tuple(row[:end])
-
-
-def answer_log_probs(adapter, final_hidden: torch.Tensor, answers: torch.Tensor, with_top_ids: bool = False):
-    """Per row of final-normed hidden states [N, hidden]: log P(answers[n]) and whether it is the
-    most likely token, [N] each (with_top_ids: also the most likely token), unembedding at most
-    LOGIT_ROWS rows at a time. Differentiable: under autograd each chunk's logits are recomputed
-    in the backward pass instead of kept."""
-    log_probs, top_ids = [], []
-    keep_graph = torch.is_grad_enabled() and final_hidden.requires_grad
-    for start in range(0, final_hidden.shape[0], LOGIT_ROWS):
-        rows = slice(start, start + LOGIT_ROWS)
-        if keep_graph:
-            log_prob, top = checkpoint(_chunk_log_probs, adapter, final_hidden[rows], answers[rows], use_reentrant=False)
-        else:
-            log_prob, top = _chunk_log_probs(adapter, final_hidden[rows], answers[rows])
-        log_probs.append(log_prob)
-        top_ids.append(top)
-    top_ids = torch.cat(top_ids)
-    is_top = top_ids == answers.to(top_ids.device)
-    return (torch.cat(log_probs), is_top, top_ids) if with_top_ids else (torch.cat(log_probs), is_top)
-
-
-def _chunk_log_probs(adapter, hidden: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # float32: a log-softmax over 10^5 bfloat16 logits would round the answer's probability away.
-    logits = adapter.unembed(hidden).float()
-    answers = answers.to(logits.device)
-    log_prob = logits.log_softmax(-1).gather(-1, answers[:, None])[:, 0]
-    return log_prob, logits.argmax(-1)
-
-
-def pad_id_of(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 # -- step 2: mean head outputs -------------------------------------------------------------
@@ -271,51 +163,6 @@ def assemble_vector(patcher: Patcher, mean_heads: torch.Tensor, heads: Sequence[
         for _, head, _ in (h for h in heads if h[0] == layer):
             vector += contributions[head].to(vector.device, torch.float32)
     return vector
-
-
-@torch.no_grad()
-def answer_scores(
-    patcher: Patcher,
-    tokenizer,
-    pairs: Sequence[WordPair],
-    layer: int | None = None,
-    vectors: torch.Tensor | None = None,
-    batch_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-shot `Q: x\nA:` prompts with each of `vectors` [V, hidden] added after block
-    `layer` at the last prompt token (or none, V = 1): per vector and pair [V, N], whether the
-    most likely next token is the answer's first token, and that token's log-probability."""
-    device = input_device(patcher.model)
-    prompts = encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
-    n_vectors = 1 if vectors is None else vectors.shape[0]
-    if vectors is not None:
-        vectors = vectors.to(device, torch.float32)  # stored vectors are float32; patching casts to the model's dtype
-    rows = [(v, i) for v in range(n_vectors) for i in range(len(pairs))]  # every vector x every prompt
-    hits = torch.zeros(len(rows), dtype=torch.float32, device=device)
-    logprob = torch.zeros(len(rows), dtype=torch.float32, device=device)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        ids, mask, last = right_pad([prompts.input_ids[i] for _, i in chunk], pad_id_of(tokenizer), device)
-        vector = None if vectors is None else vectors[torch.tensor([v for v, _ in chunk], dtype=torch.long, device=device)]
-        hidden = patcher.final_hidden(ids, mask, layer=layer, vector=vector, positions=last)
-        last_hidden = hidden[torch.arange(len(chunk), device=hidden.device), last.to(hidden.device)]
-        answers = torch.tensor([prompts.answer_ids[i] for _, i in chunk], dtype=torch.long, device=device)
-        chunk_logprob, chunk_hits = answer_log_probs(patcher.adapter, last_hidden, answers)
-        hits[start : start + len(chunk)] = chunk_hits.float().to(device)
-        logprob[start : start + len(chunk)] = chunk_logprob.to(device)
-    return hits.view(n_vectors, len(pairs)), logprob.view(n_vectors, len(pairs))
-
-
-def first_token_scores(patcher, tokenizer, pairs, layer=None, vectors=None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per vector: the share of prompts whose most likely next token is the answer's first
-    token, and the answer's mean log-probability (see answer_scores)."""
-    hits, logprob = answer_scores(patcher, tokenizer, pairs, layer, vectors, batch_size)
-    return hits.mean(dim=1), logprob.mean(dim=1)
-
-
-def first_token_accuracy(patcher, tokenizer, pairs, layer=None, vector=None) -> float:
-    accuracy, _ = first_token_scores(patcher, tokenizer, pairs, layer, None if vector is None else vector[None])
-    return float(accuracy[0])
 
 
 def extract_function_vector(

@@ -16,7 +16,8 @@ from ffv_eval.files.atomic import check_writable
 from ffv_eval.files.hashes import file_sha256, pairs_sha256
 from ffv_eval.vectors.decoding import decode_vector, format_side_by_side
 from ffv_eval.vectors.fine_tuning import TrainingSettings, check_training_pairs, train_function_vector
-from ffv_eval.vectors.function_vectors import ExtractionSettings, extract_function_vector, first_token_accuracy
+from ffv_eval.vectors.scoring import first_token_accuracy
+from ffv_eval.vectors.function_vectors import ExtractionSettings, extract_function_vector
 from ffv_eval.vectors.locations import output_path
 from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint, text_config
 from ffv_eval.models.patching import Patcher

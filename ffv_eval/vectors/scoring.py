@@ -1,0 +1,95 @@
+"""Scoring answers under a (patched) model: the log-probability of each answer's first token and
+whether it is the most likely next token, unembedding a bounded number of rows at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ffv_eval.data.prompts import query_text
+from ffv_eval.data.relations import WordPair
+from ffv_eval.models.loading import input_device
+from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tokens import encode_prompts, pad_id_of, right_pad
+
+# The most rows of full-vocabulary logits that exist at once in extraction, mediation, training,
+# basis and composite scoring (Gemma 3: 128 x 262k float32 logits = 128 MiB): `answer_log_probs`
+# unembeds this many rows at a time. Not smaller: each call reads the whole unembedding matrix, so
+# on a CPU a 64-row budget made mediation's 73-row batches of gemma-3-270m 30% slower.
+LOGIT_ROWS = 128
+
+
+
+def answer_log_probs(adapter, final_hidden: torch.Tensor, answers: torch.Tensor, with_top_ids: bool = False):
+    """Per row of final-normed hidden states [N, hidden]: log P(answers[n]) and whether it is the
+    most likely token, [N] each (with_top_ids: also the most likely token), unembedding at most
+    LOGIT_ROWS rows at a time. Differentiable: under autograd each chunk's logits are recomputed
+    in the backward pass instead of kept."""
+    log_probs, top_ids = [], []
+    keep_graph = torch.is_grad_enabled() and final_hidden.requires_grad
+    for start in range(0, final_hidden.shape[0], LOGIT_ROWS):
+        rows = slice(start, start + LOGIT_ROWS)
+        if keep_graph:
+            log_prob, top = checkpoint(_chunk_log_probs, adapter, final_hidden[rows], answers[rows], use_reentrant=False)
+        else:
+            log_prob, top = _chunk_log_probs(adapter, final_hidden[rows], answers[rows])
+        log_probs.append(log_prob)
+        top_ids.append(top)
+    top_ids = torch.cat(top_ids)
+    is_top = top_ids == answers.to(top_ids.device)
+    return (torch.cat(log_probs), is_top, top_ids) if with_top_ids else (torch.cat(log_probs), is_top)
+
+
+def _chunk_log_probs(adapter, hidden: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # float32: a log-softmax over 10^5 bfloat16 logits would round the answer's probability away.
+    logits = adapter.unembed(hidden).float()
+    answers = answers.to(logits.device)
+    log_prob = logits.log_softmax(-1).gather(-1, answers[:, None])[:, 0]
+    return log_prob, logits.argmax(-1)
+
+
+@torch.no_grad()
+def answer_scores(
+    patcher: Patcher,
+    tokenizer,
+    pairs: Sequence[WordPair],
+    layer: int | None = None,
+    vectors: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-shot `Q: x\nA:` prompts with each of `vectors` [V, hidden] added after block
+    `layer` at the last prompt token (or none, V = 1): per vector and pair [V, N], whether the
+    most likely next token is the answer's first token, and that token's log-probability."""
+    device = input_device(patcher.model)
+    prompts = encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs])
+    n_vectors = 1 if vectors is None else vectors.shape[0]
+    if vectors is not None:
+        vectors = vectors.to(device, torch.float32)  # stored vectors are float32; patching casts to the model's dtype
+    rows = [(v, i) for v in range(n_vectors) for i in range(len(pairs))]  # every vector x every prompt
+    hits = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    logprob = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask, last = right_pad([prompts.input_ids[i] for _, i in chunk], pad_id_of(tokenizer), device)
+        vector = None if vectors is None else vectors[torch.tensor([v for v, _ in chunk], dtype=torch.long, device=device)]
+        hidden = patcher.final_hidden(ids, mask, layer=layer, vector=vector, positions=last)
+        last_hidden = hidden[torch.arange(len(chunk), device=hidden.device), last.to(hidden.device)]
+        answers = torch.tensor([prompts.answer_ids[i] for _, i in chunk], dtype=torch.long, device=device)
+        chunk_logprob, chunk_hits = answer_log_probs(patcher.adapter, last_hidden, answers)
+        hits[start : start + len(chunk)] = chunk_hits.float().to(device)
+        logprob[start : start + len(chunk)] = chunk_logprob.to(device)
+    return hits.view(n_vectors, len(pairs)), logprob.view(n_vectors, len(pairs))
+
+
+def first_token_scores(patcher, tokenizer, pairs, layer=None, vectors=None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per vector: the share of prompts whose most likely next token is the answer's first
+    token, and the answer's mean log-probability (see answer_scores)."""
+    hits, logprob = answer_scores(patcher, tokenizer, pairs, layer, vectors, batch_size)
+    return hits.mean(dim=1), logprob.mean(dim=1)
+
+
+def first_token_accuracy(patcher, tokenizer, pairs, layer=None, vector=None) -> float:
+    accuracy, _ = first_token_scores(patcher, tokenizer, pairs, layer, None if vector is None else vector[None])
+    return float(accuracy[0])
