@@ -54,8 +54,8 @@ def main() -> None:
     full_s = time.perf_counter() - t
 
     a = patcher.adapter
-    tokens = sum(len(ids) for ids in corrupted.input_ids) / len(corrupted.input_ids)
-    print(f"model {args.model}: {a.n_layers} layers x {a.n_heads} heads, {args.prompts} prompts of ~{tokens:.0f} tokens, "
+    mean_tokens = sum(len(ids) for ids in corrupted.input_ids) / len(corrupted.input_ids)
+    print(f"model {args.model}: {a.n_layers} layers x {a.n_heads} heads, {args.prompts} prompts of ~{mean_tokens:.0f} tokens, "
           f"{torch.get_num_threads()} threads")
     print(f"straightforward loop, plain forward (all-position logits): {full_s:8.2f} s  ({full_s / args.prompts:.2f} s/prompt)")
     print(f"straightforward loop, last-position logits only:           {slow_s:8.2f} s  ({slow_s / args.prompts:.2f} s/prompt)")

@@ -1,0 +1,91 @@
+"""The one overlap check between word pairs: does a test pair appear among the pairs a vector was
+made from? Two pairs match when, after normalising each word, they are equal in either order.
+
+Normalising a word or phrase: lower-case, trim, treat `_`, `-` and runs of spaces alike (one
+space), and reduce each word to its lemma with simplemma (an offline, dictionary-based
+lemmatiser with no dependencies, maintained and on PyPI; its English tables are inside the
+wheel, so nothing is downloaded at run time). So grandsons:granddaughters matches
+grandson:granddaughter, keys:car matches key:car, New_York:USA matches new york:usa, and
+brother:sister matches sister:brother.
+
+The lemmatiser errs towards matching: irregular comparatives share their base's lemma
+(better -> good), so good:better and good:best are one pair here. For a screen against test
+leakage that is the safe side: a pair is at worst removed from training without need."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import simplemma
+
+MAX_LISTED = 50  # pairs an overlap record lists (documents and of count them all)
+_SEPARATORS = re.compile(r"[\s_\-]+")
+
+
+@lru_cache(maxsize=200_000)
+def normal_form(text: str) -> str:
+    """`text` lower-cased and trimmed, `_`/`-`/spaces as one space, each word its lemma."""
+    words = _SEPARATORS.sub(" ", str(text).strip().lower()).split()
+    return " ".join(simplemma.lemmatize(w, lang="en").lower() for w in words)
+
+
+def pair_key(a: str, b: str) -> tuple[str, str]:
+    """The key under which a pair matches: both normal forms, in a fixed order (either order matches)."""
+    x, y = normal_form(a), normal_form(b)
+    return (x, y) if x <= y else (y, x)
+
+
+class PairScreen:
+    """The pairs of a vector's training data (or of test sets), looked up by pair_key."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()):
+        self._keys: dict[tuple[str, str], tuple[str, str]] = {}
+        self.add(pairs)
+
+    def add(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for a, b in pairs:
+            self._keys.setdefault(pair_key(a, b), (str(a), str(b)))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, pair: tuple[str, str]) -> bool:
+        return pair_key(*pair) in self._keys
+
+    def matches(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The pairs of `pairs` (as given, each once) that match a screened pair."""
+        out = {}
+        for a, b in pairs:
+            if (a, b) not in out and pair_key(a, b) in self._keys:
+                out[(a, b)] = None
+        return list(out)
+
+
+@dataclass
+class Overlap:
+    """How many test documents share at least one word pair with the training data of the
+    vector(s) they get: the record `config.ffv_vector...overlap` of lm-eval's results."""
+
+    documents: int = 0
+    of: int = 0
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+
+    def count(self, screen: PairScreen, document_pairs: Iterable[tuple[str, str]]) -> None:
+        """One test document with its word pairs, checked against `screen`."""
+        found = screen.matches(document_pairs)
+        self.of += 1
+        if found:
+            self.documents += 1
+            for pair in found:
+                if len(self.pairs) < MAX_LISTED and pair not in self.pairs:
+                    self.pairs.append(pair)
+
+    def to_json(self) -> dict:
+        return {"documents": self.documents, "of": self.of, "pairs": [list(p) for p in self.pairs]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Overlap:
+        return cls(int(data["documents"]), int(data["of"]), [tuple(p) for p in data.get("pairs", [])])
