@@ -17,7 +17,8 @@ from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector
 from ffv_eval.models.loading import input_device, load_model_and_tokenizer
 from ffv_eval.models.patching import Patcher
 from ffv_eval.data.relations import load_relation, project_relations
-from ffv_eval.vectors.store import load_vector, shipped_path
+from ffv_eval.vectors.library import shipped_path
+from ffv_eval.vectors.store import load_vector
 from peak_memory import peak_text, reset_peak
 
 

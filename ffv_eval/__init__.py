@@ -18,7 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A regular wheel install has no checkout: the build hook (hatch_build.py) ships those
 # folders inside the package as ffv_eval/_bundled/{tasks,vectors}.
 # VECTORS_DIR holds the shipped vectors, which jobs only read: their default outputs go to
-# ./vectors of the working directory (ffv_eval.vectors.locations.local_vectors_dir), which is
+# ./vectors of the working directory (ffv_eval.vectors.library.local_vectors_dir), which is
 # VECTORS_DIR itself when the job runs in the checkout (how maintainers rebuild the library).
 _BUNDLED = Path(__file__).resolve().parent / "_bundled"
 _DATA_ROOT = _BUNDLED if _BUNDLED.is_dir() else PROJECT_ROOT

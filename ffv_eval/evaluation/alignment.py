@@ -256,21 +256,23 @@ def write_alignment(report: dict, path: str | Path) -> Path:
 def align_shipped_vectors(model_alias: str, kinds: Sequence[str] = ("fv", "ffv"), data_dir=None, output=None, markdown=None,
                           max_comparisons: int | None = None, max_subcategories: int | None = None, seed: int = 0,
                           progress: Callable[[str], None] = show_progress, placement=None) -> dict:
-    """`ffv align`: the model's shipped vectors of each kind, against relsim and SemEval-2012.
-    placement: a model_loading.Placement (default: the default device, the checkpoint's dtype)."""
+    """`ffv align`: the model's vectors of each kind (./vectors, then the shipped library), against
+    relsim and SemEval-2012. placement: a model_loading.Placement (default: the default device,
+    the checkpoint's dtype)."""
     from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint
-    from ffv_eval.vectors.store import VECTORS_DIR, load_vector
+    from ffv_eval.vectors.library import kind_dirs, model_vectors
+    from ffv_eval.vectors.store import load_vector
 
     placement = (placement or Placement()).checked()
     vector_sets = {}
     for kind in kinds:
-        paths = sorted((VECTORS_DIR / model_alias / kind).glob("*.safetensors"))
+        paths = model_vectors(model_alias, kind)
         if not paths:
-            raise RelationDataError(f"no shipped {kind} vectors for {model_alias} in {VECTORS_DIR / model_alias / kind}")
+            raise RelationDataError(f"no {kind} vectors for {model_alias} in {' or '.join(map(str, kind_dirs(model_alias, kind)))}")
         vector_sets[kind] = [load_vector(p) for p in paths]
     if data_dir_from_env(data_dir) is None:
         raise RelationDataError("ffv align needs a data directory (--data-dir or FFV_DATA_DIR) with relsim/ and semeval2012/")
-    model, tokenizer = load_model_and_tokenizer(model_alias, **vars(placement))
+    model, tokenizer = load_model_and_tokenizer(model_alias, placement=placement)
     fingerprint = model_fingerprint(model)
     for kind, vectors in vector_sets.items():
         for v in vectors:

@@ -13,12 +13,11 @@ from ffv_eval.reports.cfv_evidence import Posteriors, explain_cfv
 def cfv_posteriors(model: str, stems: Sequence[tuple[str, str]], top: int, basis_dir=None, placement=None) -> Posteriors:
     """The top basis relations, posterior and weight, of each source pair's CFV: the model
     loaded, the fitted map of `basis_dir` (None: the model's own), CompositeVectors.explain."""
-    from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint
+    from ffv_eval.models.loading import load_model_and_tokenizer, model_fingerprint
     from ffv_eval.models.patching import Patcher
     from ffv_eval.vectors.composite import CompositeVectors, model_composite_map
 
-    placement = (placement or Placement()).checked()
-    loaded, tokenizer = load_model_and_tokenizer(model, **vars(placement))
+    loaded, tokenizer = load_model_and_tokenizer(model, placement=placement)
     fingerprint = model_fingerprint(loaded)
     cmap = model_composite_map(model, fingerprint, basis_dir)
     composite = CompositeVectors(Patcher(loaded), tokenizer, cmap)

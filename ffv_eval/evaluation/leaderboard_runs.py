@@ -8,7 +8,6 @@ torch and the model are imported only when a run needs them."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,12 +19,13 @@ from pathlib import Path
 from ffv_eval import TASKS_DIR
 from ffv_eval.data.relations import data_dir_from_env
 from ffv_eval.files.hashes import vector_sha256
-from ffv_eval.reports.leaderboard_results import (SHOT_CONDITION, Entry, LeaderboardError, condition_name, data_source,
-                                                  display_path, newest_entries, read_entries, version_text,
+from ffv_eval.reports.leaderboard_results import (SHOT_CONDITION, Entry, LeaderboardError, condition_name, condition_spec,
+                                                  data_source, display_path, newest_entries, read_entries, version_text,
                                                   visible_results_files)
+from ffv_eval.vectors.library import KINDS, shipped_path
+from ffv_eval.vectors.spec import VectorSpec, VectorTaskMismatch
 
 DEFAULT_RUN_CONDITIONS = ("unpatched", "fv", "ffv", "10-shot")
-AUTO = "auto"  # ffv-patched's vector=auto: relation_<name> tasks get the relation's FFV, the others a CFV per question
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,6 @@ def plan_runs(models: Sequence[str], tasks: Sequence[str], conditions: Sequence[
     (vector=auto) each relation_<name> task its relation's FFV and each analogy question its
     composite vector; `<kind>:<relation>` patches all tasks with that one vector. Missing vectors
     are reported before anything runs."""
-    from ffv_eval.vectors.store import shipped_path
-
     runs, missing = [], []
     for model in models:
         for condition in conditions:
@@ -91,41 +89,31 @@ def plan_runs(models: Sequence[str], tasks: Sequence[str], conditions: Sequence[
                 runs.append(PlannedRun(model, condition, tuple(tasks), None, k,
                                        tuple(condition_name(t, k, None, None) for t in tasks)))
                 continue
-            kind, _, relation = condition.partition(":")
-            if relation:
-                if not shipped_path(model, kind, relation).exists():
-                    missing.append(str(shipped_path(model, kind, relation)))
-                runs.append(PlannedRun(model, condition, tuple(tasks), condition, 0,
-                                       tuple(condition_name(t, 0, kind, relation) for t in tasks)))
-                continue
-            if kind == "cfv":  # each question's composite vector, from its own source pair
-                runs.append(PlannedRun(model, condition, tuple(tasks), "cfv", 0, tuple("cfv" for _ in tasks)))
-                continue
-            if kind == AUTO:
-                for task in tasks:
-                    spec = auto_vector(task)
-                    if spec != "cfv" and not shipped_path(model, *spec.split(":")).exists():
-                        missing.append(str(shipped_path(model, *spec.split(":"))))
-                runs.append(PlannedRun(model, condition, tuple(tasks), AUTO, 0, tuple(AUTO for _ in tasks)))
-                continue
+            spec = condition_spec(condition)
+            if not (spec.is_composite or spec.per_task or (spec.is_name and spec.kind)):
+                raise LeaderboardError(f"condition '{condition}': expected unpatched, <k>-shot, cfv, auto, a vector kind "
+                                       f"({', '.join(KINDS)}) or <kind>:<relation>")
+            needed = {}  # the vectors the run will read, each once
             for task in tasks:
-                if not task.startswith("relation_"):
+                try:
+                    # as the run will: an analogy task's documents have source pairs (else the run says so)
+                    used = spec.for_task(task, docs_have_source_pair=True)
+                except VectorTaskMismatch:
                     raise LeaderboardError(f"condition '{condition}' patches each relation_<name> task with that "
-                                           f"relation's {kind}; task '{task}' is not one (use {kind}:<relation>)")
-                name = task.removeprefix("relation_")
-                if not shipped_path(model, kind, name).exists():
-                    missing.append(str(shipped_path(model, kind, name)))
-            # one lm-eval run; ffv-patched picks each task's own vector (vector=<kind>:*)
-            runs.append(PlannedRun(model, condition, tuple(tasks), f"{kind}:*", 0, tuple(kind for _ in tasks)))
+                                           f"relation's {spec.kind}; task '{task}' is not one (use {spec.kind}:<relation>)") from None
+                if used.is_name:
+                    needed[shipped_path(model, used.kind, used.relation)] = None
+            missing += [str(path) for path in needed if not path.exists()]
+            if spec.per_task and not spec.is_auto:
+                labels = tuple(spec.kind for _ in tasks)  # one lm-eval run; ffv-patched picks each task's own vector
+            elif spec.is_name:
+                labels = tuple(condition_name(t, 0, spec.kind, spec.relation) for t in tasks)
+            else:
+                labels = tuple(str(spec) for _ in tasks)
+            runs.append(PlannedRun(model, condition, tuple(tasks), str(spec), 0, labels))
     if missing:
         raise LeaderboardError("no shipped vector for: " + ", ".join(missing))
     return runs
-
-
-def auto_vector(task: str) -> str:
-    """The vector ffv-patched's vector=auto gives a task: a relation_<name> task its relation's
-    FFV (`ffv:<name>`), any other task (the analogy tasks) a CFV per question (`cfv`)."""
-    return f"ffv:{task.removeprefix('relation_')}" if task.startswith("relation_") else "cfv"
 
 
 SAMPLES_LOGGED = "logged"
@@ -159,25 +147,22 @@ def recorded_identity(entry: Entry) -> CellIdentity:
 def planned_vector(model: str, run: PlannedRun, task: str) -> tuple[str | None, int | None, float | None] | None:
     """(file hash, layer, scale) of the vector `run` would patch into `task`; None without one.
     The leaderboard patches at the vector's own layer, scale 1."""
-    from ffv_eval.vectors.store import VectorFileError, load_vector, shipped_path
+    from ffv_eval.vectors.library import BasisError, find_basis_dir, read_composite_metadata
+    from ffv_eval.vectors.store import VectorFileError, load_vector
 
     if run.vector is None:
         return None
-    spec = auto_vector(task) if run.vector == AUTO else run.vector
-    if spec == "cfv":
-        from ffv_eval.vectors.composite import COMPOSITE_FILE
-        from ffv_eval.vectors.locations import find_basis_dir
-
+    spec = VectorSpec.parse(run.vector).for_task(task, docs_have_source_pair=True)
+    if spec.is_composite:
         directory = find_basis_dir(model)
         if directory is None:
             return (None, None, 1.0)  # no map: nothing to reuse (the run says what is wrong)
         try:
-            layer = json.loads((directory / COMPOSITE_FILE).with_suffix(".json").read_text(encoding="utf-8"))["layer"]
-        except (OSError, ValueError, KeyError, TypeError):
+            layer = read_composite_metadata(directory)["layer"]
+        except BasisError:
             return (None, None, 1.0)  # no usable map: nothing to reuse (the run says what is wrong)
         return (vector_sha256(directory), layer, 1.0)
-    kind, _, relation = spec.partition(":")
-    path = shipped_path(model, kind, task.removeprefix("relation_") if relation == "*" else relation)
+    path = shipped_path(model, spec.kind, spec.relation)
     try:
         layer = load_vector(path).metadata["layer"]
     except VectorFileError:

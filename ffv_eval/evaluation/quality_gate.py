@@ -21,7 +21,7 @@ from ffv_eval.reports.quality_baseline import (BaselineError, Tolerances, baseli
                                                compare_with_baseline, default_baseline_path, load_baseline,
                                                merged_baseline, write_baseline)
 from ffv_eval.vectors.codec import encode_vector
-from ffv_eval.vectors.locations import vector_roots
+from ffv_eval.vectors.library import model_dirs, model_vectors
 
 DEFAULT_KINDS = ("fv", "ffv")
 DECODING_TOP_K = 20
@@ -32,16 +32,10 @@ DIGITS = 6  # figures are rounded so that baselines are stable text
 def shipped_vector_paths(model_alias: str, kinds: Sequence[str] = DEFAULT_KINDS, root: Path | None = None) -> list[Path]:
     """The model's vectors of `kinds` under `root`, else under ./vectors and the shipped library
     (a vector in ./vectors wins over the shipped one of the same kind and relation)."""
-    roots = [root] if root is not None else vector_roots()
-    paths = []
-    for kind in kinds:
-        found: dict[str, Path] = {}
-        for r in roots:
-            for p in sorted((r / model_alias / kind).glob("*.safetensors")):
-                found.setdefault(p.stem, p)
-        paths += [found[name] for name in sorted(found)]
+    paths = [path for kind in kinds for path in model_vectors(model_alias, kind, root)]
     if not paths:
-        raise BaselineError(f"no shipped vectors of kinds {', '.join(kinds)} under {' or '.join(str(r / model_alias) for r in roots)}")
+        raise BaselineError(f"no shipped vectors of kinds {', '.join(kinds)} under "
+                            f"{' or '.join(map(str, model_dirs(model_alias, root)))}")
     return paths
 
 
@@ -66,9 +60,9 @@ def _display_path(path: Path) -> str:
 def load_gate_model(model_alias: str, placement=None):
     """(model, tokenizer, fingerprint); placement: an ffv_eval.models.loading.Placement (default:
     the default device, the checkpoint's dtype)."""
-    from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint
+    from ffv_eval.models.loading import load_model_and_tokenizer, model_fingerprint
 
-    model, tokenizer = load_model_and_tokenizer(model_alias, **vars(placement or Placement()))
+    model, tokenizer = load_model_and_tokenizer(model_alias, placement=placement)
     return model, tokenizer, model_fingerprint(model)
 
 

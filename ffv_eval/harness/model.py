@@ -43,7 +43,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from ffv_eval.errors import FFVError, TokenizationError
+from ffv_eval.errors import TokenizationError
 from ffv_eval import DEFAULT_MODEL
 from ffv_eval.files.hashes import vector_sha256
 from ffv_eval.models.architectures import UnsupportedArchitecture
@@ -51,18 +51,13 @@ from ffv_eval.models.loading import default_device, model_fingerprint, resolve_p
 from ffv_eval.models.patching import Patcher, last_prompt_positions
 from ffv_eval.progress import show_progress
 from ffv_eval.models.tokens import without_right_padding
-from ffv_eval.vectors.store import KINDS, StoredVector, VectorNameError, check_compatible, find_vectors
+from ffv_eval.vectors.library import vector_pattern
+from ffv_eval.vectors.record import VectorRecord
+from ffv_eval.vectors.spec import AUTO, VectorSpec, VectorTaskMismatch
+from ffv_eval.vectors.store import StoredVector, check_compatible, find_vectors
 
-COMPOSITE = "cfv"
-AUTO = "auto"  # the default: per task, the vector that fits it (see _task_vector)
-PER_TASK = ":*"  # vector=ffv:* -> each relation_<name> task with its own shipped ffv
 CONFIG_ARGS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "token")  # how HFLM finds the config
 HFLM_PAD_ID = 0  # HFLM pads its log-likelihood rows on the right with token 0
-
-
-class VectorTaskMismatch(FFVError, ValueError):
-    """The vector= of ffv-patched cannot patch a task's requests: cfv on documents without a
-    source pair or on rolling log-likelihoods, <kind>:* on a task that is not relation_<name>."""
 
 
 @dataclass
@@ -85,10 +80,8 @@ class RowPlan:
 class FFVPatchedLM(HFLM):
     def __init__(self, pretrained=DEFAULT_MODEL, vector=AUTO, layer=None, scale=1.0, basis=None, **kwargs):
         # Everything about the vector is checked before the weights are loaded.
-        vector = None if vector in (None, "", "none") else str(vector)
-        if vector is not None and vector.endswith(PER_TASK) and vector[: -len(PER_TASK)] not in KINDS:
-            raise VectorNameError(f"vector={vector}: unknown kind '{vector[: -len(PER_TASK)]}' (known: {', '.join(KINDS)})")
-        candidates = find_vectors(vector) if vector not in (None, COMPOSITE, AUTO) and not vector.endswith(PER_TASK) else []
+        spec = VectorSpec.parse(vector)
+        candidates = find_vectors(spec) if spec.names_vectors else []
         if candidates:
             if isinstance(pretrained, str):
                 config = text_config(pretrained, **{k: kwargs[k] for k in CONFIG_ARGS if kwargs.get(k) not in (None, "")})
@@ -112,17 +105,15 @@ class FFVPatchedLM(HFLM):
         self._pending: list | None = None  # (vector, answer word) per request of the next _loglikelihood_tokens
         self._rows: dict[tuple, RowPlan] | None = None  # the rows of the HFLM loop now running
         self._cache_table: str | None = None  # lm-eval's own table in a --use_cache file
-        self.per_task_kind: str | None = None
-        self.per_task_vectors: dict[str, dict] = {}
+        self.per_task: VectorSpec | None = None  # vector=auto or <kind>:*: each task's vector from spec.for_task
+        self.per_task_vectors: dict[str, VectorRecord] = {}
         self.patch_scale = float(scale)
         self.basis_dir = basis
         self._task_map = None  # vector=auto: the model's composite map, loaded when a task needs it
-        if vector == COMPOSITE:
+        if spec.is_composite:
             self.set_composite(basis, scale)
-        elif vector == AUTO:
-            self.per_task_kind = AUTO
-        elif vector is not None and vector.endswith(PER_TASK):
-            self.per_task_kind = vector[: -len(PER_TASK)]
+        elif spec.per_task:
+            self.per_task = spec
         elif candidates:
             self.set_vector(candidates, layer, scale)
 
@@ -138,9 +129,9 @@ class FFVPatchedLM(HFLM):
 
     # -- the vector --------------------------------------------------------------------------
     def set_vector(self, vector, layer=None, scale=1.0) -> None:
-        """Use `vector` (a spec string, a StoredVector or a list of candidates) from now on;
-        None removes it."""
-        self.per_task_kind = None
+        """Use `vector` (a spec that names vectors, as a string or a VectorSpec, a StoredVector or
+        a list of candidates) from now on; None removes it."""
+        self.per_task = None
         self._use_vector(vector, layer, scale)
         self._separate_cache()
 
@@ -149,7 +140,7 @@ class FFVPatchedLM(HFLM):
         if vector is None:
             self.stored_vector = self.patch_layer = self.patch_vector = None
             return
-        candidates = find_vectors(vector) if isinstance(vector, str) else (vector if isinstance(vector, list) else [vector])
+        candidates = find_vectors(vector) if isinstance(vector, (str, VectorSpec)) else (vector if isinstance(vector, list) else [vector])
         mine = [c for c in candidates if c.metadata["model_fingerprint"] == self.fingerprint]
         stored = mine[0] if mine else candidates[0]
         a = self.patcher.adapter
@@ -167,7 +158,7 @@ class FFVPatchedLM(HFLM):
         directory): each request's own CFV, built from its document's source pair A:B."""
         from ffv_eval.vectors.composite import CompositeVectors, model_composite_map
 
-        self.per_task_kind = None
+        self.per_task = None
         self.patch_scale = float(scale)
         self._use_composite(CompositeVectors(self.patcher, self.tokenizer, model_composite_map(self.model_alias, self.fingerprint, basis)))
         self._separate_cache()
@@ -186,40 +177,24 @@ class FFVPatchedLM(HFLM):
             "model_fingerprint": self.fingerprint,
             "ffv_model": self.model_alias,
         }
-        if self.per_task_kind is not None:
-            where = "per task" if self.per_task_kind == AUTO else f"vectors/<model>/{self.per_task_kind}/<relation>.safetensors"
-            info["ffv_vector"] = {"kind": self.per_task_kind, "relation": None, "per_task": self.per_task_vectors,
-                                  "path": where, "patch_scale": self.patch_scale}
+        if self.per_task is not None:
+            kind = self.per_task.per_task_kind
+            where = "per task" if self.per_task.is_auto else vector_pattern(kind)
+            record = VectorRecord.per_task_run(kind, self.per_task_vectors, where, self.patch_scale)
         else:
-            info["ffv_vector"] = self._vector_record()
+            record = self._vector_record()
+        info["ffv_vector"] = None if record is None else record.to_json()
         return info
 
-    def _vector_record(self) -> dict | None:
+    def _vector_record(self) -> VectorRecord | None:
         """What the results say about the vector in use (None: unpatched)."""
         if self.stored_vector is not None:
-            meta = self.stored_vector.metadata
-            return {
-                "path": str(self.stored_vector.path),
-                "sha256": vector_sha256(self.stored_vector.path),
-                "patch_layer": self.patch_layer,
-                "patch_scale": self.patch_scale,
-                **{k: meta[k] for k in ("kind", "relation", "model", "model_fingerprint", "layer", "scale", "heads", "data", "seed", "metrics") if k in meta},
-            }
+            path = self.stored_vector.path
+            return VectorRecord.stored(path, vector_sha256(path), self.patch_layer, self.patch_scale, self.stored_vector.metadata)
         if self.composite is not None:
             cmap = self.composite.cmap
-            return {
-                "kind": COMPOSITE,
-                "path": str(cmap.basis.directory),
-                "sha256": vector_sha256(cmap.basis.directory),
-                "relation": None,
-                "composition": "per question, from its source pair",
-                "patch_layer": self.patch_layer,
-                "patch_scale": self.patch_scale,
-                "layer": self.patch_layer,
-                "n_basis": len(cmap.basis.names),
-                "posterior": cmap.posterior_kind,
-                **{k: cmap.metadata[k] for k in ("model", "model_fingerprint", "temperature", "settings", "metrics") if k in cmap.metadata},
-            }
+            return VectorRecord.composite(cmap.basis.directory, vector_sha256(cmap.basis.directory), self.patch_layer,
+                                          self.patch_scale, len(cmap.basis.names), cmap.posterior_kind, cmap.metadata)
         return None
 
     # -- lm-eval's response cache (--use_cache) ---------------------------------------------
@@ -246,13 +221,13 @@ class FFVPatchedLM(HFLM):
 
             SqliteDict(db.filename, tablename=table, autocommit=True).close()  # creates the table
             db.tablename = table
-        if self.per_task_kind is not None:
+        if self.per_task is not None:
             db.clear()
 
     def _vector_identity(self) -> str | None:
         """Everything besides the request that decides a response; None when unpatched."""
-        if self.per_task_kind is not None:
-            return f"{self.fingerprint} per-task {self.per_task_kind}:* x{self.patch_scale!r}"
+        if self.per_task is not None:
+            return f"{self.fingerprint} per-task {self.per_task.per_task_kind}:* x{self.patch_scale!r}"
         if self.stored_vector is not None:
             meta = self.stored_vector.metadata
             return (f"{self.fingerprint} {meta['kind']}:{meta['relation']} layer {self.patch_layer} x{self.patch_scale!r} "
@@ -291,38 +266,21 @@ class FFVPatchedLM(HFLM):
         vectors = {stem: self.composite.vector(*stem) * self.patch_scale for stem in where}
         return [vectors[stem] for stem in stems]
 
-    def _task_vector(self, task: str, requests) -> str:
-        """The vector spec a task gets under vector=<kind>:* (relation_<name> tasks: that
-        relation's <kind>) or vector=auto (relation_<name> tasks: the relation's FFV; tasks whose
-        documents all have a source pair a:b, the analogy tasks: cfv, per question)."""
-        task = str(task)
-        kind = "ffv" if self.per_task_kind == AUTO else self.per_task_kind
-        if task.startswith("relation_"):
-            return f"{kind}:{task.removeprefix('relation_')}"
-        if self.per_task_kind != AUTO:
-            raise VectorTaskMismatch(f"vector={self.per_task_kind}:* patches each relation_<name> task with that "
-                                     f"relation's {self.per_task_kind}; task {task} is not one")
-        if all(isinstance(r.doc, dict) and all(isinstance(r.doc.get(k), str) for k in ("a", "b")) for r in requests):
-            return COMPOSITE
-        raise VectorTaskMismatch(
-            f"vector=auto: task {task} has no vector of its own: it is not a relation_<name> task (those get the "
-            f"relation's shipped ffv) and its documents have no source pair a:b (analogy tasks get a cfv per question). "
-            f"Vector kinds that fit it: a fixed vector (vector=<name> or vector=<file>.safetensors, kinds {', '.join(KINDS)}); "
-            f"vector=none runs it unpatched")
-
     def _per_task(self, requests, run) -> list:
-        """vector=<kind>:* or auto: each task's requests with the vector _task_vector gives it
-        (every task checked before any runs); the results record each task's vector."""
+        """vector=<kind>:* or auto: each task's requests with the vector the spec gives that task
+        (VectorSpec.for_task; every task checked before any runs); the results record each
+        task's vector."""
         from ffv_eval.vectors.composite import CompositeVectors, model_composite_map
 
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.task_name, []).append(i)
-        specs = {task: self._task_vector(task, [requests[i] for i in indices]) for task, indices in groups.items()}
+        specs = {task: self.per_task.for_task(task, _have_source_pairs([requests[i] for i in indices]))
+                 for task, indices in groups.items()}
         results: list = [None] * len(requests)
         try:
             for task, indices in groups.items():
-                if specs[task] == COMPOSITE:
+                if specs[task].is_composite:
                     if self._task_map is None:
                         self._task_map = CompositeVectors(self.patcher, self.tokenizer,
                                                           model_composite_map(self.model_alias, self.fingerprint, self.basis_dir))
@@ -338,7 +296,7 @@ class FFVPatchedLM(HFLM):
 
     # -- the three request types: HFLM's own, with the vector planned per request ------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        if self.per_task_kind:
+        if self.per_task is not None:
             return self._per_task(requests, lambda group: self._loglikelihood_planned(group, disable_tqdm))
         return self._loglikelihood_planned(requests, disable_tqdm)
 
@@ -354,7 +312,7 @@ class FFVPatchedLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         """HFLM's rolling windows; a fixed vector is added at each window's last context token."""
-        if self.per_task_kind:
+        if self.per_task is not None:
             return self._per_task(requests, lambda group: self._rolling_planned(group, disable_tqdm))
         return self._rolling_planned(requests, disable_tqdm)
 
@@ -365,7 +323,7 @@ class FFVPatchedLM(HFLM):
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        if self.per_task_kind:
+        if self.per_task is not None:
             return self._per_task(requests, lambda group: self._generate_planned(group, disable_tqdm))
         return self._generate_planned(requests, disable_tqdm)
 
@@ -500,6 +458,11 @@ class FFVPatchedLM(HFLM):
         return self.patcher.call_with_vector(lambda ids, **kwargs: generate(ids, max_length, stop, **kwargs), context,
                                              layer=self.patch_layer, vector=self.patch_vector,
                                              positions=last_prompt_positions(context), **generation_kwargs)
+
+
+def _have_source_pairs(requests) -> bool:
+    """Every request's document has a source pair a:b (fields `a` and `b`): an analogy task's."""
+    return all(isinstance(r.doc, dict) and all(isinstance(r.doc.get(k), str) for k in ("a", "b")) for r in requests)
 
 
 def _digest(*tensors: torch.Tensor) -> str:

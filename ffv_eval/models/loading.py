@@ -9,7 +9,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -146,16 +146,21 @@ class PlacementError(FFVError, ValueError):
 class Placement:
     """Where and in which dtype a model runs. device: None = `cuda` when a GPU is available, else
     `cpu` (and nothing when a device map places the model); dtype: `auto` = the checkpoint's own;
-    device_map: an accelerate placement strategy, instead of one device."""
+    device_map: an accelerate placement strategy, instead of one device. Validated once, by
+    checked() (at the command line's boundary, or by the job it is given to), and passed whole
+    to load_model_and_tokenizer."""
 
     device: str | None = None
     dtype: str = "auto"
     device_map: str | None = None
+    valid: bool = field(default=False, init=False, compare=False, repr=False)  # by checked(): validated, device resolved
 
     def checked(self) -> "Placement":
         """The same placement with the device resolved, after validating every field (no model
         is touched): a device that is not there, an unknown dtype or device map, both a device
-        and a device map."""
+        and a device map. A placement checked() made is returned as it is."""
+        if self.valid:
+            return self
         dtype = dtype_name(self.dtype)
         if self.device_map is not None:
             if self.device not in (None, ""):
@@ -165,10 +170,10 @@ class Placement:
                 raise PlacementError(f"--device-map {self.device_map!r}: unknown placement; use one of {', '.join(DEVICE_MAPS)}")
             for index in range(_cuda_count()):
                 check_dtype_on_device(dtype, torch.device("cuda", index))
-            return Placement(None, dtype, self.device_map)
+            return _valid(Placement(None, dtype, self.device_map))
         device = check_device(self.device)
         check_dtype_on_device(dtype, device)
-        return Placement(str(device), dtype, None)
+        return _valid(Placement(str(device), dtype, None))
 
     def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         """The dtype to load in: the named one, or (auto) the checkpoint's own, float32 without one."""
@@ -185,6 +190,11 @@ class Placement:
         else:
             args["device"] = checked.device
         return args
+
+
+def _valid(placement: Placement) -> Placement:
+    object.__setattr__(placement, "valid", True)  # frozen: only checked() marks a placement valid
+    return placement
 
 
 def default_device() -> str:
@@ -264,14 +274,19 @@ def checkpoint_dtype(name: str) -> torch.dtype | None:
     return declared
 
 
-def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype = "auto",
-                             device_map: str | None = None):
-    """(model, tokenizer): frozen, in eval mode, on `device` (default cuda when available, else
-    cpu) or placed by accelerate's `device_map`, in `dtype` (`auto`: the checkpoint's own).
-    The placement is validated before anything is loaded."""
+def load_model_and_tokenizer(name: str = DEFAULT_MODEL, placement: Placement | None = None, *, device: str | None = None,
+                             dtype: str | torch.dtype = "auto", device_map: str | None = None):
+    """(model, tokenizer): frozen, in eval mode, where `placement` says (default: on `device`,
+    default cuda when available, else cpu, or placed by accelerate's `device_map`, in `dtype`,
+    `auto`: the checkpoint's own). The placement is validated (if it was not) before anything is
+    loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    placement = Placement(device, dtype_name(dtype), device_map).checked()
+    if placement is None:
+        placement = Placement(device, dtype_name(dtype), device_map)
+    elif (device, dtype, device_map) != (None, "auto", None):
+        raise TypeError("load_model_and_tokenizer: pass a placement or device/dtype/device_map, not both")
+    placement = placement.checked()
     path = resolve_pretrained(name)
     torch_dtype = placement.torch_dtype(checkpoint_dtype(path))
     if placement.device is not None:

@@ -34,11 +34,12 @@ import numpy as np
 
 from ffv_eval.errors import FFVError, SettingError
 from ffv_eval.files.atomic import atomic_write_text, check_writable
-from ffv_eval.reports.leaderboard_results import Entry, condition_sort_key, display_path, newest_entries, read_entries, sample_lines
+from ffv_eval.reports.leaderboard_results import (Entry, condition_sort_key, condition_spec, display_path, newest_entries,
+                                                  read_entries, sample_lines)
 from ffv_eval.reports.paired import Outcome, match_outcomes
 
 MARKER = "⟨+CFV⟩"
-PATCHED_CONDITIONS = ("cfv", "auto")  # the conditions whose analogy questions got a CFV, preferred first
+PATCHED_CONDITIONS = ("cfv", "auto")  # the conditions whose analogy questions got a CFV (see find_runs), preferred first
 SELECTIONS = ("all", "lost", "won", "changed")
 DEFAULT_LIMIT = 20
 DEFAULT_TOP = 5
@@ -128,6 +129,11 @@ def find_runs(results_dir: str | os.PathLike, model: str, task: str, condition: 
         limit = next((e.limit for e in (base, patched) if e is not None), None)
         raise EvidenceError(f"{results_dir}: no {' and no '.join(missing)} results of {model} / {task} (conditions there: "
                             f"{present}); make them with: {run_command(results_dir, model, task, limit)}")
+    # the vector the condition gave the task (its documents' source pairs are checked in pair_questions)
+    used = condition_spec(patched.condition).for_task(task, docs_have_source_pair=True)
+    if not used.is_composite:
+        raise EvidenceError(f"{display_path(patched.source)}: the {patched.condition} run patched {task} with {used}, not with "
+                            f"a composite vector: vector={patched.condition} gives a CFV to the analogy tasks only")
     for entry in (base, patched):
         if entry.samples is None:
             date = entry.source.stem.removeprefix("results_")

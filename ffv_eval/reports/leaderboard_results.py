@@ -30,6 +30,8 @@ from pathlib import Path
 from ffv_eval.errors import FFVError
 from ffv_eval.files.json_lines import json_line_objects
 from ffv_eval.reports.paired import Outcome, PairedGain, PairingError, match_outcomes, paired_gain
+from ffv_eval.vectors.record import VectorInfo, VectorRecord
+from ffv_eval.vectors.spec import AUTO, COMPOSITE, VectorSpec
 
 REQUIRED_FIELDS = ("results", "config", "versions", "n-shot")
 PRIMARY_METRICS = ("exact_match", "acc", "acc_norm", "top_answer")
@@ -39,21 +41,6 @@ SHOT_CONDITION = re.compile(r"^(\d+)-shot$")
 
 class LeaderboardError(FFVError, ValueError):
     """lm-eval results files, or leaderboard options, that cannot make a leaderboard."""
-
-
-@dataclass(frozen=True)
-class VectorInfo:
-    """What a patched run recorded about its vector (config.ffv_vector)."""
-
-    kind: str
-    relation: str | None
-    path: str | None
-    layer: int | None
-    patch_layer: int | None
-    scale: float | None
-    patch_scale: float | None
-    sha256: str | None = None  # of the vector file (or basis directory), where the run recorded it
-    task_kind: str | None = None  # under a per-task spec (auto, <kind>:*): the kind this task got (ffv, cfv)
 
 
 @dataclass(frozen=True)
@@ -71,7 +58,7 @@ class Entry:
     limit: float | None
     task_version: str
     lm_eval_version: str
-    vector: VectorInfo | None
+    vector: VectorInfo | None  # the vector this task got (vectors.record)
     source: Path
     timestamp: float
     model_fingerprint: str | None = None  # config.model_fingerprint (ffv-patched records it)
@@ -243,29 +230,15 @@ def model_name(config: dict, path: Path) -> str:
     return str(pretrained)
 
 
-def vector_info(config: dict, path: Path, task: str | None = None) -> VectorInfo | None:
-    """The vector a run recorded; for per-task runs (vector=<kind>:*), the one `task` used."""
+def vector_record(config: dict, path: Path) -> VectorRecord | None:
+    """The vector a run recorded (config.ffv_vector); None: unpatched. Each task's own vector is
+    its `used_by(task)`."""
     recorded = config.get("ffv_vector")
     if recorded is None:
         return None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("kind"), str):
         raise LeaderboardError(f"{path}: field 'config.ffv_vector' should be null or an object with a 'kind'")
-    per_task = recorded.get("per_task")
-    task_kind = None
-    if isinstance(per_task, dict) and isinstance(per_task.get(task), dict):
-        used = per_task[task]
-        # the task's own record (ffv-patched writes the vector's, relation None for a per-question cfv)
-        relation = used["relation"] if "relation" in used else str(task).removeprefix("relation_")
-        task_kind = used.get("kind") if isinstance(used.get("kind"), str) else None
-        recorded = {**recorded, "relation": relation, "path": used.get("path"),
-                    "layer": used.get("layer"), "patch_layer": used.get("layer"), "sha256": used.get("sha256")}
-    sha256 = recorded.get("sha256")
-    return VectorInfo(
-        kind=recorded["kind"], relation=recorded.get("relation"), path=recorded.get("path"),
-        layer=recorded.get("layer"), patch_layer=recorded.get("patch_layer"),
-        scale=recorded.get("scale"), patch_scale=recorded.get("patch_scale"),
-        sha256=sha256 if isinstance(sha256, str) else None, task_kind=task_kind,
-    )
+    return VectorRecord.from_json(recorded)
 
 
 PROJECT_DATA = "project files"
@@ -300,6 +273,12 @@ def condition_name(task: str, n_shot: int, vector_kind: str | None, vector_relat
     if vector_kind != "cfv" and vector_relation and task not in own_tasks:  # a CFV is per question
         name = f"{vector_kind}:{vector_relation}"
     return f"{name}+{n_shot}-shot" if n_shot > 0 else name
+
+
+def condition_spec(condition: str) -> VectorSpec:
+    """The vector= of a patched condition (not `unpatched` or `<k>-shot`): a vector kind alone
+    (`ffv`) stands for `<kind>:*`; `cfv`, `auto` and `<kind>:<relation>` are vector= as they are."""
+    return VectorSpec.parse(condition if ":" in condition or condition in (COMPOSITE, AUTO) else f"{condition}:*")
 
 
 def condition_sort_key(condition: str) -> tuple:
@@ -455,7 +434,8 @@ def entries_from_file(path: Path, data: dict) -> list[Entry]:
             raise LeaderboardError(f"{path}: field 'n-shot.{task}' should be a number, got {n_shot!r}")
         effective = (data.get("n-samples") or {}).get(task, {})
         n_samples = effective.get("effective") if isinstance(effective, dict) else None
-        vector = vector_info(config, path, task)
+        record = vector_record(config, path)
+        vector = None if record is None else record.used_by(task)
         filter_name, scores, stderrs = task_scores(task_results)
         directions = (data.get("higher_is_better") or {}).get(task)
         entries.append(Entry(

@@ -20,7 +20,7 @@ from ffv_eval.errors import FFVError
 from ffv_eval.files.atomic import atomic_write, check_writable
 from ffv_eval.files.json_lines import json_document
 from ffv_eval.vectors.codec import decode_vector_text
-from ffv_eval.vectors.locations import local_vectors_dir, vector_roots
+from ffv_eval.vectors.library import read_path, write_path
 
 BASELINE_FORMAT = "ffv-quality-baseline/1"
 BASELINE_NAME = "quality-baseline.json"
@@ -113,15 +113,14 @@ def _fmt(value: float) -> str:
 def default_baseline_path(model_alias: str) -> Path:
     """The baseline read by default: ./vectors/<model>/quality-baseline.json where it exists,
     else the shipped one."""
-    paths = [root / model_alias / BASELINE_NAME for root in vector_roots()]
-    return next((p for p in paths if p.exists()), paths[-1])
+    return read_path(model_alias, BASELINE_NAME)
 
 
 def baseline_to_update(model_alias: str, given: str | Path | None) -> Path:
     """The baseline file `--update-baseline` writes: the one given, else an existing
     ./vectors/<model>/quality-baseline.json (the checkout's, run there); never the shipped
     file of an installed package. Checked before any model work."""
-    path = Path(given) if given else local_vectors_dir() / model_alias / BASELINE_NAME
+    path = Path(given) if given else write_path(model_alias, BASELINE_NAME)
     if not given and not path.exists():
         raise BaselineError(f"--update-baseline: no baseline file given and {path} does not exist; "
                             f"pass --baseline FILE (it is created if missing)")

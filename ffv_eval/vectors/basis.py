@@ -5,7 +5,7 @@ of relations that share forward passes, cached on disk one vector per relation, 
 
 Layout: <basis dir>/<source>/<relation>.safetensors (+ .json sidecar, kind "basis").
 Default basis dir: ./vectors/<model alias>/basis to build, then the shipped one to read
-(vectors.locations)."""
+(vectors.library)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ffv_eval import __version__
+from ffv_eval import VECTORS_DIR, __version__
 from ffv_eval.data.basis_sources import BasisRelation
 from ffv_eval.files.hashes import pairs_sha256
-from ffv_eval.errors import FFVError
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
 from ffv_eval.models.tokens import encode_prompts, pad_id_of
 from ffv_eval.vectors.scoring import first_token_scores
@@ -32,14 +31,10 @@ from ffv_eval.vectors.function_vectors import icl_prompts, mean_head_outputs
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
 from ffv_eval.progress import no_progress
-from ffv_eval.vectors.locations import basis_output_dir
-from ffv_eval.vectors.store import VECTORS_DIR, VectorFileError, load_vector, save_vector
+from ffv_eval.vectors.library import BasisError, basis_output_dir, basis_vector_file, kind_dir, model_vectors
+from ffv_eval.vectors.store import VectorFileError, load_vector, save_vector
 
 BASIS_KIND = "basis"
-
-
-class BasisError(FFVError, ValueError):
-    """A basis directory or composite map that is missing, empty, for another model or unusable."""
 
 
 @dataclass(frozen=True)
@@ -72,23 +67,19 @@ class Basis:
     directory: Path
 
 
-def basis_file(directory: Path, relation_name: str) -> Path:
-    return Path(directory) / f"{relation_name}.safetensors"
-
-
 def function_heads(model_alias: str, vectors_dir: Path = VECTORS_DIR) -> FunctionHeads:
     """The heads with the largest summed indirect effect over the model's shipped FVs (as many
     as the median FV uses), the most common layer of its shipped FFVs, the median FV scale."""
-    fvs = [load_vector(p).metadata for p in sorted((vectors_dir / model_alias / "fv").glob("*.safetensors"))]
+    fvs = [load_vector(p).metadata for p in model_vectors(model_alias, "fv", root=vectors_dir)]
     if not fvs:
-        raise BasisError(f"no shipped FVs for {model_alias} in {vectors_dir / model_alias / 'fv'}; "
+        raise BasisError(f"no shipped FVs for {model_alias} in {kind_dir(vectors_dir, model_alias, 'fv')}; "
                          f"run: ffv build-library --model {model_alias}")
     effect: Counter = Counter()
     for meta in fvs:
         for h in meta.get("heads", []):
             effect[(h["layer"], h["head"])] += h["indirect_effect"]
     k = max(1, int(statistics.median(len(m.get("heads", [])) for m in fvs)))
-    ffvs = [load_vector(p).metadata for p in sorted((vectors_dir / model_alias / "ffv").glob("*.safetensors"))] or fvs
+    ffvs = [load_vector(p).metadata for p in model_vectors(model_alias, "ffv", root=vectors_dir)] or fvs
     layers = Counter(m["layer"] for m in ffvs)
     layer = min(layers, key=lambda l: (-layers[l], l))
     return FunctionHeads(tuple(h for h, _ in effect.most_common(k)), layer, float(statistics.median(m["scale"] for m in fvs)))
@@ -128,7 +119,7 @@ def build_basis(
     heads = function_heads(model_alias)
     missing = []
     for relation in relations:
-        path = basis_file(directory, relation.name)
+        path = basis_vector_file(directory, relation.name)
         if path.exists() and not force:
             _check_cached(load_vector(path), relation, fingerprint)
         else:
@@ -147,7 +138,7 @@ def build_basis(
         before, _ = _training_fit(patcher, tokenizer, pair_lists, heads.layer, initials)
         after, _ = _training_fit(patcher, tokenizer, pair_lists, heads.layer, torch.stack([r.vector for r in results]))
         for relation, result, fit0, fit1 in zip(group, results, before, after):
-            save_vector(basis_file(directory, relation.name), result.vector, {
+            save_vector(basis_vector_file(directory, relation.name), result.vector, {
                 "kind": BASIS_KIND, "relation": relation.name, "source": relation.source, "origin": relation.origin,
                 "model": model_alias, "model_fingerprint": fingerprint, "layer": heads.layer, "scale": 1.0,
                 "heads": [{"layer": l, "head": h} for l, h in heads.heads], "init_scale": heads.scale,
@@ -191,7 +182,7 @@ def load_basis(directory: Path, names: Sequence[str] | None = None, fingerprint:
         paths = sorted(directory.rglob("*.safetensors"))
         names = [str(p.relative_to(directory).with_suffix("")) for p in paths]
     else:
-        paths = [basis_file(directory, n) for n in names]
+        paths = [basis_vector_file(directory, n) for n in names]
     if not paths:
         raise BasisError(f"empty basis: no basis vectors under {directory}; run: ffv basis build")
     stored = []

@@ -17,33 +17,27 @@ that validation supports. This module holds the map's maths; its fitting is comp
 
 The fitted map is stored as <basis dir>/composite.safetensors (tensors "weight" [R, R], "bias"
 [R] and, calibrated, "relation_baseline" [R]) beside composite.json (basis relation names,
-layer, posterior, temperature, model fingerprint, training data and metrics)."""
+layer, posterior, temperature, model fingerprint, training data and metrics), files that
+vectors.library reads and writes."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ffv_eval import __version__
 from ffv_eval.errors import TokenizationError
-from ffv_eval.files.atomic import atomic_write, atomic_write_text
 from ffv_eval.vectors.basis import Basis, BasisError, load_basis
-from ffv_eval.vectors.locations import find_basis_dir
+from ffv_eval.vectors.library import (composite_files, find_basis_dir, read_composite_metadata, read_composite_tensors,
+                                      write_composite_map)
 from ffv_eval.models.tokens import answer_token_id, encode_continuation
 from ffv_eval.vectors.scoring import answer_log_probs
-from ffv_eval.files.json_lines import json_document
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
 from ffv_eval.data.prompts import answer_text, query_text
-
-COMPOSITE_FORMAT = "ffv-eval/composite/1"
-COMPOSITE_FILE = "composite.safetensors"
-
 
 POSTERIORS = ("softmax", "calibrated")
 
@@ -156,9 +150,9 @@ def relation_posterior(patcher: Patcher, tokenizer, basis: Basis, stems: Sequenc
 
 
 def save_composite_map(cmap: CompositeMap, model_alias: str) -> Path:
-    path = Path(cmap.basis.directory) / COMPOSITE_FILE
+    """Write the map into its basis directory (the library's composite map files); returns the
+    tensors' file."""
     meta = {
-        "format": COMPOSITE_FORMAT,
         "model": model_alias,
         "model_fingerprint": cmap.basis.model_fingerprint,
         "layer": cmap.basis.layer,
@@ -168,40 +162,22 @@ def save_composite_map(cmap: CompositeMap, model_alias: str) -> Path:
         **cmap.metadata,
         "ffv_eval_version": __version__,
     }
-    tensors = {"weight": cmap.weight.contiguous(), "bias": cmap.bias.contiguous()}
+    tensors = {"weight": cmap.weight, "bias": cmap.bias}
     if cmap.relation_baseline is not None:
-        tensors["relation_baseline"] = cmap.relation_baseline.float().contiguous()
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
-    return path
+        tensors["relation_baseline"] = cmap.relation_baseline.float()
+    return write_composite_map(cmap.basis.directory, meta, tensors)
 
 
 def load_composite_map(directory: Path, fingerprint: str | None = None) -> CompositeMap:
     """The fitted map in a basis directory, with its basis; errors name the file and field."""
-    path = Path(directory) / COMPOSITE_FILE
-    side = path.with_suffix(".json")
-    if not path.exists() or not side.exists():
-        raise BasisError(f"no composite map in {directory} ({COMPOSITE_FILE} + composite.json); run: ffv basis build")
-    meta = json_document(side, BasisError)
-    for name in ("format", "model_fingerprint", "layer", "temperature", "basis"):
-        if name not in meta:
-            raise BasisError(f"{side}: field '{name}' is missing")
+    meta = read_composite_metadata(directory, fingerprint)
+    path, side = composite_files(directory)
     kind = meta.get("posterior", "softmax")  # maps saved before the calibrated posterior are the paper's
     if kind not in POSTERIORS:
         raise BasisError(f"{side}: field 'posterior' is {kind!r}, expected one of {', '.join(POSTERIORS)}")
-    if meta["format"] != COMPOSITE_FORMAT:
-        raise BasisError(f"{side}: field 'format' is {meta['format']!r}, expected {COMPOSITE_FORMAT!r}")
-    if not meta["basis"]:
-        raise BasisError(f"{side}: field 'basis' is empty: an empty basis cannot compose anything")
-    if fingerprint is not None and meta["model_fingerprint"] != fingerprint:
-        raise BasisError(f"{side}: composite map built for model fingerprint {meta['model_fingerprint']} "
-                         f"({meta.get('model', 'unknown')}), the loaded model is {fingerprint}")
     basis = load_basis(directory, meta["basis"], meta["model_fingerprint"])
-    tensors = load_file(str(path))
     n = len(meta["basis"])
-    if tensors["weight"].shape != (n, n) or tensors["bias"].shape != (n,):
-        raise BasisError(f"{path}: weight/bias shapes {tuple(tensors['weight'].shape)}/{tuple(tensors['bias'].shape)} "
-                         f"do not match the {n} basis relations in {side}")
+    tensors = read_composite_tensors(directory, n)
     baseline = tensors.get("relation_baseline")
     if kind == "calibrated" and (baseline is None or baseline.shape != (n,)):
         raise BasisError(f"{path}: the calibrated posterior needs a tensor 'relation_baseline' of shape ({n},), "
@@ -212,7 +188,7 @@ def load_composite_map(directory: Path, fingerprint: str | None = None) -> Compo
 
 def model_composite_map(model_alias: str, fingerprint: str, basis_dir=None) -> CompositeMap:
     """The fitted map for a loaded model: from `basis_dir`, else the model's own basis directory
-    (./vectors, then the shipped library; vectors.locations.find_basis_dir)."""
+    (./vectors, then the shipped library; vectors.library.find_basis_dir)."""
     directory = Path(basis_dir) if basis_dir else find_basis_dir(model_alias, fingerprint)
     if directory is None:
         raise BasisError(f"no composite map for {model_alias} (fingerprint {fingerprint}) in ./vectors or the shipped "

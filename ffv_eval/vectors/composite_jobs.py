@@ -10,7 +10,7 @@ from ffv_eval.errors import SettingError
 from ffv_eval import DEFAULT_MODEL
 from ffv_eval.files.atomic import check_writable
 from ffv_eval.vectors.basis import BasisSettings, build_basis
-from ffv_eval.vectors.locations import basis_output_dir
+from ffv_eval.vectors.library import basis_output_dir, composite_files
 from ffv_eval.data.basis_sources import analogy_test_pairs, basis_relations
 from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
 from ffv_eval.vectors.composite import CompositeVectors, model_composite_map, save_composite_map
@@ -35,9 +35,9 @@ def build_basis_and_map(model_name: str = DEFAULT_MODEL, data_dir=None, sources=
     if max_relations:
         relations = relations[:max_relations]
     directory = Path(out) if out else basis_output_dir(model_name)
-    check_writable(directory / "composite.safetensors", "--out")
+    check_writable(composite_files(directory)[0], "--out")
     progress(f"[ffv] loading {model_name} ({placement.device or placement.device_map}, {placement.dtype})")
-    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
+    model, tokenizer = load_model_and_tokenizer(model_name, placement=placement)
     patcher = Patcher(model)
     fingerprint = model_fingerprint(model)
     # One build of a basis directory at a time: another process building it waits, then
@@ -66,7 +66,7 @@ def explain_pairs(pairs: list[str], model_name: str = DEFAULT_MODEL, basis_dir=N
         if not sep or not a.strip() or not b.strip():
             raise SettingError(f"--pair {text!r}: expected a:b")
         stems.append((a.strip(), b.strip()))
-    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
+    model, tokenizer = load_model_and_tokenizer(model_name, placement=placement)
     composite = CompositeVectors(Patcher(model), tokenizer, model_composite_map(model_name, model_fingerprint(model), basis_dir))
     out = []
     for a, b in stems:

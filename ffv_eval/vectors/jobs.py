@@ -18,13 +18,14 @@ from ffv_eval.vectors.decoding import decode_vector, format_side_by_side
 from ffv_eval.vectors.fine_tuning import TrainingSettings, check_training_pairs, train_function_vector
 from ffv_eval.vectors.scoring import first_token_accuracy
 from ffv_eval.vectors.function_vectors import ExtractionSettings, extract_function_vector
-from ffv_eval.vectors.locations import output_path
+from ffv_eval.vectors.library import KINDS, output_path, shipped_path
 from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint, text_config
 from ffv_eval.models.patching import Patcher
 from ffv_eval.vectors.heatmap import save_indirect_effect_heatmap
 from ffv_eval.data.relations import load_relation, project_relations, read_pairs
 from ffv_eval.progress import show_progress
-from ffv_eval.vectors.store import KINDS, VectorFileError, VectorNameError, check_compatible, load_vector, save_vector, shipped_path, sidecar_path
+from ffv_eval.vectors.spec import VectorNameError, VectorSpec
+from ffv_eval.vectors.store import VectorFileError, check_compatible, load_vector, save_vector, sidecar_path
 
 
 def _refuse_existing(path: Path, force: bool) -> None:
@@ -62,7 +63,7 @@ def extract_and_save(
 
     t = time.perf_counter()
     progress(f"[ffv] loading {model_name}")
-    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
+    model, tokenizer = load_model_and_tokenizer(model_name, placement=placement)
     patcher = Patcher(model)
     with torch.no_grad():
         result = extract_function_vector(patcher, tokenizer, relation, settings, progress=lambda m: progress(f"[ffv] {m}"))
@@ -126,7 +127,7 @@ def train_and_save(
     check_compatible(start, config.hidden_size, config.num_hidden_layers, None, None)
 
     progress(f"[ffv] loading {model_name}")
-    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
+    model, tokenizer = load_model_and_tokenizer(model_name, placement=placement)
     patcher = Patcher(model)
     fingerprint = model_fingerprint(model)
     layer = check_compatible(start, patcher.adapter.hidden_size, patcher.adapter.n_layers, fingerprint, None)
@@ -169,19 +170,19 @@ def decode_and_print(specs: list[str], model_name: str, k: int = 20, data_dir: s
     model's FV and FFV side by side."""
     placement = placement.checked()
     stored = []
-    for spec in specs:
-        kind, _, relation = spec.rpartition(":")
-        if spec.endswith(".safetensors") or Path(spec).exists():
-            stored.append(load_vector(spec))
-        elif kind:
-            stored.append(load_vector(shipped_path(model_name, kind, relation)))
+    for text in specs:
+        spec = VectorSpec.parse(text)
+        if spec.is_file:
+            stored.append(load_vector(spec.path))
+        elif spec.is_name and spec.kind:
+            stored.append(load_vector(shipped_path(model_name, spec.kind, spec.relation)))
         else:  # a bare name: every kind shipped for the model, side by side
-            paths = [shipped_path(model_name, k, spec) for k in KINDS]
+            paths = [shipped_path(model_name, k, spec.relation if spec.is_name else text) for k in KINDS]
             if not any(p.exists() for p in paths):
-                raise VectorNameError(f"no shipped vector '{spec}' for {model_name} (looked for {', '.join(map(str, paths))})")
+                raise VectorNameError(f"no shipped vector '{text}' for {model_name} (looked for {', '.join(map(str, paths))})")
             stored.extend(load_vector(p) for p in paths if p.exists())
     relations = {s.metadata["relation"]: load_relation(s.metadata["relation"], data_dir) for s in stored}
-    model, tokenizer = load_model_and_tokenizer(model_name, **vars(placement))
+    model, tokenizer = load_model_and_tokenizer(model_name, placement=placement)
     patcher = Patcher(model)
     fingerprint = model_fingerprint(model)
     decodings = {}

@@ -1,8 +1,8 @@
 """Vectors on disk: `<name>.safetensors` (one tensor, "vector") beside `<name>.json` (metadata:
 model fingerprint, layer, relation, heads, data hash, seed, metrics). Both are written to
 temporary files and renamed into place, so a failed or interrupted save leaves nothing.
-Vectors are named <root>/<model alias>/<kind>/<relation>.safetensors; names are looked up in
-./vectors first, then among the shipped vectors (ffv_eval.vectors.locations)."""
+Names (`antonym`, `fv:antonym`: vectors.spec) are looked up in the vector library
+(vectors.library: ./vectors first, then the shipped vectors)."""
 
 from __future__ import annotations
 
@@ -14,26 +14,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ffv_eval import VECTORS_DIR  # noqa: F401  (the shipped library; alignment and basis import it from here)
 from ffv_eval.errors import FFVError
 from ffv_eval.files.atomic import atomic_write, atomic_write_text
 from ffv_eval.files.json_lines import json_document
-from ffv_eval.vectors.locations import vector_roots
+# KINDS and shipped_path are the library's; evaluation/compare.py still imports them from here.
+from ffv_eval.vectors.library import KINDS, known_names, lookup_roots, named_vector_paths, shipped_path  # noqa: F401
+from ffv_eval.vectors.spec import VectorNameError, VectorSpec
 
 FORMAT = "ffv-eval/vector/1"
-KINDS = ("fv", "ffv", "ffv-random")
-BARE_NAME_KINDS = ("ffv", "fv")  # what a bare shipped name means, in order of preference
 REQUIRED_FIELDS = {"format": str, "kind": str, "relation": str, "model_fingerprint": str, "hidden_size": int, "layer": int}
 
 
 class VectorFileError(FFVError, ValueError):
     """A vector file (and its JSON sidecar) that is missing, malformed, non-finite, already there,
     or made for another model."""
-
-
-class VectorNameError(FFVError, ValueError):
-    """A vector name or spec (`antonym`, `fv:antonym`, `ffv:*`) with an unknown kind, or naming no
-    vector (of the model)."""
 
 
 @dataclass
@@ -106,36 +100,23 @@ def load_vector(path: str | os.PathLike) -> StoredVector:
     return StoredVector(vector, meta, path)
 
 
-def shipped_path(model_alias: str, kind: str, relation: str, root: Path | None = None) -> Path:
-    """The file of a vector name to read: under `root` when given, else the first of
-    `vector_roots()` that has it (the shipped path when none has it)."""
-    paths = [r / model_alias / kind / f"{relation}.safetensors" for r in ([root] if root is not None else vector_roots())]
-    return next((p for p in paths if p.exists()), paths[-1])
-
-
-def find_vectors(spec: str, root: Path | None = None) -> list[StoredVector]:
-    """A vector file path, or a shipped name (`antonym`: the FFV where there is one, else the
-    FV; `fv:antonym`, `ffv:antonym`): every vector of that name, for any model, from `root` or
-    else `vector_roots()` (per model, a vector in ./vectors wins over the shipped ones). The
-    caller picks the one whose model fingerprint matches (see `check_compatible`)."""
-    spec = str(spec)
-    if spec.endswith(".safetensors") or os.sep in spec or Path(spec).exists():
-        return [load_vector(spec)]
-    kind, _, relation = spec.rpartition(":")
-    if kind and kind not in KINDS:
-        raise VectorNameError(f"vector '{spec}': unknown kind '{kind}' (known: {', '.join(KINDS)})")
-    roots = [root] if root is not None else vector_roots()
-    found: dict[str, StoredVector] = {}  # per model directory: the first root, then the first kind in preference order
-    for r in roots:
-        for k in [kind] if kind else BARE_NAME_KINDS:
-            for path in sorted(r.glob(f"*/{k}/{relation}.safetensors")):
-                if path.parent.parent.name not in found:
-                    found[path.parent.parent.name] = load_vector(path)
-    if not found:
-        known = sorted({f"{p.parent.name}:{p.stem}" for r in roots for p in r.glob("*/*/*.safetensors")})
-        raise VectorNameError(f"unknown vector name '{spec}' and no such file (looked in {', '.join(map(str, roots))}; "
-                             f"known: {', '.join(known) or 'none'})")
-    return list(found.values())
+def find_vectors(spec: VectorSpec | str, root: Path | None = None) -> list[StoredVector]:
+    """The vectors of a spec that names vectors (a VectorSpec, or a vector= string parsed by
+    one): a file, or a name (`antonym`: the FFV where there is one, else the FV; `fv:antonym`,
+    `ffv:antonym`) with every vector of that name, for any model, from `root` or else the
+    library's roots (per model, a vector in ./vectors wins over the shipped ones). The caller
+    picks the one whose model fingerprint matches (see `check_compatible`)."""
+    spec = VectorSpec.parse(spec)
+    if spec.is_file:
+        return [load_vector(spec.path)]
+    if not spec.is_name:
+        raise VectorNameError(f"vector={spec} names no vector file: it is not a vector name (antonym, fv:antonym) "
+                              f"or a .safetensors file")
+    paths = named_vector_paths(spec.relation, spec.kinds, root)
+    if not paths:
+        raise VectorNameError(f"unknown vector name '{spec}' and no such file (looked in {', '.join(map(str, lookup_roots(root)))}; "
+                              f"known: {', '.join(known_names(root)) or 'none'})")
+    return [load_vector(path) for path in paths]
 
 
 def check_compatible(stored: StoredVector, hidden_size: int, n_layers: int, fingerprint: str | None, layer: int | None) -> int:
