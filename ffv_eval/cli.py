@@ -73,11 +73,14 @@ def _build_library(args) -> None:
 
 
 def _compare(args) -> None:
-    from ffv_eval.evaluation.compare import compare_conditions
+    from ffv_eval.evaluation.compare import compare_conditions, output_paths
 
+    paths = output_paths(args.output, args.markdown, args.plot, args.log_file)
     compare_conditions(args.model, args.relations, limit=args.limit, placement=placement_of(args),
-                       data_dir=args.data_dir, output=args.output, kinds=args.kinds,
-                       markdown=args.markdown, command="ffv " + " ".join(sys.argv[1:]),
+                       data_dir=args.data_dir, output=paths["output"], kinds=args.kinds,
+                       markdown=paths["markdown"], plot=paths["plot"],
+                       log_file=None if args.verbose else paths["log_file"],
+                       command="ffv " + " ".join(sys.argv[1:]),
                        **_given(batch_size=args.batch_size, num_fewshot=args.num_fewshot))
 
 
@@ -197,10 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-fewshot", type=int, help="shots of the k-shot condition")
     p.add_argument("--data-dir", help="score on Todd et al.'s files from this directory")
-    p.add_argument("--output", help="write the comparison as JSON here")
+    p.add_argument("--output", help="write the comparison as JSON here (default: ./ffv-compare/compare.json; the other "
+                                    "files default to this path's stem with .md, .png, .log)")
     p.add_argument("--kinds", nargs="+", default=None, choices=["fv", "ffv", "ffv-random"],
                    help="shipped vectors to patch in, one condition each (default: every kind shipped for all the relations)")
-    p.add_argument("--markdown", help="also write the table, with the command that regenerates it, as Markdown here")
+    p.add_argument("--markdown", help="write the table, with the command that regenerates it, as Markdown here "
+                                      "(default: beside --output, else ./ffv-compare/compare.md)")
+    p.add_argument("--plot", help="write a bar chart (exact match, ±1.96 stderr error bars) as PNG here "
+                                  "(default: beside --output or --markdown, else ./ffv-compare/compare.png)")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--log-file", help="lm-eval's and the model libraries' output goes here instead of the terminal "
+                                          "(default: beside --output or --markdown, else ./ffv-compare/compare.log)")
+    shown.add_argument("--verbose", action="store_true",
+                       help="show lm-eval's output on the terminal (no log file, no progress bar)")
     add_placement_arguments(p)
     p.set_defaults(run=_compare)
 
