@@ -29,7 +29,7 @@ def test_every_error_class_of_the_project_is_an_ffv_error():
               for name, cls in inspect.getmembers(module, inspect.isclass)
               if issubclass(cls, BaseException) and cls.__module__ == module.__name__}
     assert {"ffv_eval.data.relations.RelationDataError", "ffv_eval.vectors.store.VectorFileError",
-            "ffv_eval.vectors.store.VectorNameError", "ffv_eval.files.lock.CacheLockTimeout",
+            "ffv_eval.vectors.spec.VectorNameError", "ffv_eval.files.lock.CacheLockTimeout",
             "ffv_eval.dependency_versions.DependencyVersionError"} <= set(errors)
     assert [name for name, cls in errors.items() if not issubclass(cls, FFVError)] == []
 

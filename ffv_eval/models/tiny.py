@@ -7,7 +7,10 @@ Each model has 3 blocks of hidden size 32 (4 query heads of 8 dims; 2 key/value 
 family has grouped-query attention), random non-trivial norm weights and biases, and a weight
 scale large enough for heads to matter. `save_tiny_model` writes one with the SmolLM2
 tokenizer (vocabulary 49152) into a directory that `load_model_and_tokenizer` and the `ffv`
-command line accept as a model path."""
+command line accept as a model path.
+
+`tiny_llama` and `tiny_gemma3` are two fixed models with a 120-token vocabulary (ids fit a
+character tokenizer), the ones the tests of the patching mechanics, scoring and training use."""
 
 from __future__ import annotations
 
@@ -211,3 +214,34 @@ def save_tiny_model(family: str, directory: str | Path, *, seed: int = 0, tokeni
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# -- two fixed models with a 120-token vocabulary ------------------------------------------------
+def tiny_llama() -> torch.nn.Module:
+    """A random Llama of 3 blocks (hidden size 32, 4 query heads, 2 key/value heads, vocabulary
+    120), in eval mode. Seeds torch's global generator with 0 first, so the model and whatever
+    the caller draws next are the same in every run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gemma3() -> torch.nn.Module:
+    """A random Gemma 3 text model of 4 blocks (sliding and full attention alternating; hidden
+    size 32, 4 query heads of 8 dims, 1 key/value head, vocabulary 120) with random non-trivial
+    post-attention norm weights, in eval mode. Seeds torch's global generator with 0 first, as
+    tiny_llama does."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random, non-trivial norm weights (Gemma scales by 1 + weight)
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight.normal_(0, 0.5)
+    return model

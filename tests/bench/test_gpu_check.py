@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parent.parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import gpu_check  # noqa: E402
@@ -69,11 +69,10 @@ def test_the_loop_on_a_subset_of_heads_equals_the_full_loop_there_and_leaves_the
 
     import torch
 
-    from ffv_eval.vectors import function_vectors as fv
-
     from ffv_eval.models import tokens
     from ffv_eval.models.patching import Patcher
-    from tests.conftest import tiny_llama
+    from ffv_eval.models.tiny import tiny_llama
+    from ffv_eval.vectors import function_vectors as fv
 
     patcher = Patcher(tiny_llama())
     prompts = tokens.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])

@@ -8,8 +8,10 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 
 import ffv_eval
+from ffv_eval import TASKS_DIR
 from ffv_eval.data import analogies as A
 
 QUESTION_TASKS = [f"{s}_analogy{v}" for v in ("", "_plain") for s in A.QUESTION_SETS]
@@ -353,6 +355,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_u2_on_gemma_hf_equals_ffv_patched_and_completion_runs(shared_data, one_torch_thread):
     import string
 
@@ -411,3 +414,60 @@ def test_u2_on_gemma_hf_equals_ffv_patched_and_completion_runs(shared_data, one_
     res = lm_eval.simple_evaluate(model=Scripted(), tasks=["analogy_completion_kmiecik"], limit=2, task_manager=tm,
                                   bootstrap_iters=0)["results"]["analogy_completion_kmiecik"]
     assert (res["top_answer,none"], res["human_share,none"]) == expected(scripted) and res["top_answer,none"] == 0.5
+
+
+# -- the score of D given C ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_acc_d_scores_d_given_c_and_acc_equals_lm_eval_multiple_choice(gemma, shared_data, tmp_path):
+    """acc and acc_norm equal lm-eval's own multiple-choice metrics on a copy of the task that
+    scores only the whole continuations; acc_d's per-choice score equals log P(D's tokens |
+    prompt through C) computed with a plain forward of the model."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ffv_eval.harness.model import FFVPatchedLM
+
+    template = (TASKS_DIR / "analogies" / "_analogy_one_shot_template_yaml").read_text()
+    (tmp_path / "utils.py").write_text((TASKS_DIR / "analogies" / "utils.py").read_text()
+                                       + "\n\ndef whole_choices(doc):\n    return one_shot_choices(doc)[: len(doc['choices'])]\n")
+    text = template.replace("doc_to_choice: !function utils.one_shot_choices", "doc_to_choice: !function utils.whole_choices")
+    text = text.replace("process_results: !function utils.process_choice_results\n", "")
+    text = text.replace("  - metric: acc_d\n    aggregation: mean\n    higher_is_better: true\n", "")
+    (tmp_path / "_whole_yaml").write_text(text)
+    (tmp_path / "u2_whole.yaml").write_text("include: _whole_yaml\ntask: u2_whole\ndataset_kwargs:\n  analogy_set: u2\n")
+    assert text != template
+    tm = TaskManager(include_path=[str(TASKS_DIR), str(tmp_path)], metadata={"data_dir": str(shared_data)})
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="none", batch_size=8)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["u2_analogy", "u2_whole"], limit=12, task_manager=tm, log_samples=True,
+                                  bootstrap_iters=0)
+    ours = {s["doc_id"]: s for s in out["samples"]["u2_analogy"]}
+    theirs = {s["doc_id"]: s for s in out["samples"]["u2_whole"]}
+    assert len(ours) == len(theirs) == 12
+    for doc_id, s in ours.items():
+        assert (s["acc"], s["acc_norm"]) == (theirs[doc_id]["acc"], theirs[doc_id]["acc_norm"]), doc_id
+    flips = sum(s["acc_d"] != s["acc"] for s in ours.values())
+    # acc_d against a plain forward: log P(D | "Q: a\nA: b\n\nQ: c\nA:") for every choice of one question
+    model, tok = gemma
+    s = ours[0]
+    doc, n = s["doc"], len(s["doc"]["choices"])
+    lls = [r[0][0] for r in s["resps"]]
+    for k, (c, d) in enumerate(doc["choices"]):
+        prompt = tok(f"Q: {doc['a']}\nA: {doc['b']}\n\nQ: {c}\nA:").input_ids
+        whole = tok(f"Q: {doc['a']}\nA: {doc['b']}\n\nQ: {c}\nA: {d}").input_ids
+        assert whole[: len(prompt)] == prompt
+        logits = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+        expected = sum(float(logits[i - 1, whole[i]]) for i in range(len(prompt), len(whole)))
+        assert lls[k] - lls[n + k] == pytest.approx(expected, abs=2e-3), (k, c, d)
+    assert out["results"]["u2_analogy"]["acc_d,none"] == pytest.approx(sum(s["acc_d"] for s in ours.values()) / 12)
+    print(f"acc_d differs from acc on {flips} of 12 questions")
+
+
+def test_repeats_of_a_b_or_c_are_counted_unless_people_gave_them():
+    from ffv_eval.data.analogies import completion_scores
+
+    answers, counts = ["bird", "animal"], [5, 2]
+    assert completion_scores(" canary", answers, counts, ("cat", "animal", "canary"))["repeats_abc"] == 1.0
+    assert completion_scores(" Cat.", answers, counts, ("cat", "animal", "canary"))["repeats_abc"] == 1.0
+    assert completion_scores(" animal", answers, counts, ("cat", "animal", "canary"))["repeats_abc"] == 0.0  # someone said it
+    assert completion_scores(" bird", answers, counts, ("cat", "animal", "canary"))["repeats_abc"] == 0.0
+    assert completion_scores(" canaries", answers, counts, ("cat", "animal", "canary"))["repeats_abc"] == 0.0

@@ -1,11 +1,14 @@
 """Basis relations for the composite function vector: real reference data (skipped without it)
 and small hand-made data directories for the parsing and error paths."""
 
+import csv
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from ffv_eval import VECTORS_DIR
 from ffv_eval.data.basis_sources import (
     SOURCES,
     analogy_test_pairs,
@@ -173,3 +176,61 @@ def test_analogy_test_pairs(tmp_path):
         analogy_test_pairs(tmp_path)
     with pytest.raises(RelationDataError, match="does not exist"):
         analogy_test_pairs(tmp_path / "nowhere")
+
+
+# -- the shipped basis and map ---------------------------------------------------------------------
+MODELS = ("gemma-3-270m", "smollm2-135m")
+
+
+def _test_set_pairs(root: Path) -> set[tuple[str, str]]:
+    """Every word pair of the analogy test sets, read straight from the files (both orders,
+    lower-cased): an independent reference for basis_sources.analogy_test_pairs."""
+    pairs = set()
+
+    def add(a, b):
+        a, b = a.strip().lower(), b.strip().lower()
+        pairs.update({(a, b), (b, a)})
+
+    for path in (root / "analogy_questions").glob("*/test.jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                q = json.loads(line)
+                add(*q["stem"])
+                for c, d in q["choice"]:
+                    add(c, d)
+    with (root / "ucla_vat" / "UCLA_VAT.csv").open(encoding="utf-8-sig", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["A"].strip():
+                add(row["A"], row["B"])
+                add(row["C"], row["D"])
+                add(row["C"], row["D'"])
+    for path in (root / "analogy_completion").glob("*.jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                p = json.loads(line)
+                add(p["a"], p["b"])
+                for answer in p["responses"]:
+                    add(p["c"], answer)
+    return pairs
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_no_pair_the_shipped_basis_or_map_trained_on_is_in_a_test_set(model, shared_data):
+    """The shipped basis vectors record the hash of their relation's pairs (the first 20 trained
+    the vector, the rest made the map's training analogies); the relations rebuilt from the data
+    directory hash the same, and none of their pairs is in a test set."""
+    from ffv_eval.data.basis_sources import analogy_test_pairs, basis_relations
+    from ffv_eval.files.hashes import pairs_sha256
+
+    directory = VECTORS_DIR / model / "basis"
+    meta = json.loads((directory / "composite.json").read_text())
+    relations = {r.name: r for r in basis_relations(shared_data, exclude=analogy_test_pairs(shared_data))}
+    assert set(meta["basis"]) <= set(relations)
+    test_pairs = _test_set_pairs(shared_data)
+    assert len(test_pairs) > 20000
+    for name in meta["basis"]:
+        side = json.loads((directory / f"{name}.json").read_text())
+        relation = relations[name]
+        assert side["data"]["pairs_sha256"] == pairs_sha256(relation.pairs), name
+        leaked = {(p.input.lower(), p.output.lower()) for p in relation.pairs} & test_pairs
+        assert not leaked, (name, sorted(leaked)[:5])

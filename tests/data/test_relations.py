@@ -1,14 +1,11 @@
-"""Relation data, task scoring and vector files: formats, splits and every bad input."""
+"""Relation data (ffv_eval.data.relations) and the relation_<name> and todd_<name> lm-eval tasks
+that read it: formats, splits and every bad input."""
 
 import json
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from ffv_eval.data import relations as R
-from ffv_eval.data.task_data import first_word_match
-from ffv_eval.vectors.store import VectorFileError, VectorNameError, find_vectors, load_vector, save_vector, sidecar_path
 
 
 def test_every_project_relation_has_distinct_splits_of_the_required_size():
@@ -113,63 +110,3 @@ def test_bad_relation_data_names_the_problem(tmp_path, monkeypatch):
     pairs.write_text('{"input": "a", "output": "b"}\n{"input": "c"}\n')
     with pytest.raises(R.RelationDataError, match=r"p.jsonl: line 2: field 'output'"):
         R.read_pairs(pairs)
-
-
-@pytest.mark.parametrize("generation,target,hit", [
-    (" cold\n", "cold", 1.0), (" Cold.", "cold", 0.0), (' "cold", said', "cold", 1.0),
-    (" United States of", "United States", 1.0), (" United Kingdom", "United States", 0.0), ("", "cold", 0.0),
-])
-def test_first_word_scoring(generation, target, hit):
-    assert first_word_match(generation, target) == hit
-
-
-def _meta(**over):
-    return {"kind": "fv", "relation": "antonym", "model_fingerprint": "abc", "layer": 3, **over}
-
-
-def test_vector_round_trip_and_no_overwrite(tmp_path):
-    path = tmp_path / "v.safetensors"
-    vector = torch.randn(16)
-    save_vector(path, vector, _meta())
-    stored = load_vector(path)
-    assert torch.equal(stored.vector, vector) and stored.metadata["hidden_size"] == 16
-    with pytest.raises(VectorFileError, match="exists; pass --force"):
-        save_vector(path, vector * 2, _meta())
-    assert torch.equal(load_vector(path).vector, vector)
-    save_vector(path, vector * 2, _meta(), force=True)
-    assert torch.equal(load_vector(path).vector, vector * 2)
-
-
-def test_bad_vectors_are_refused_and_nothing_is_written(tmp_path):
-    path = tmp_path / "bad.safetensors"
-    with pytest.raises(VectorFileError, match="non-finite"):
-        save_vector(path, torch.tensor([1.0, float("nan")]), _meta())
-    with pytest.raises(VectorFileError, match="field 'layer'"):
-        save_vector(path, torch.ones(4), _meta(layer="three"))
-    assert list(tmp_path.iterdir()) == []
-
-    save_file({"vector": torch.tensor([1.0, float("inf")])}, str(path))
-    sidecar_path(path).write_text(json.dumps({"format": "ffv-eval/vector/1", "hidden_size": 2, **_meta()}))
-    with pytest.raises(VectorFileError, match="non-finite"):
-        load_vector(path)
-    sidecar_path(path).write_text('{"format": "ffv-eval/vector/1",\n "kind": }')
-    with pytest.raises(VectorFileError, match=r"bad.json: line 2: malformed JSON"):
-        load_vector(path)
-    sidecar_path(path).write_text(json.dumps({"format": "ffv-eval/vector/1", "hidden_size": 3, **_meta()}))
-    with pytest.raises(VectorFileError, match="does not match field 'hidden_size'"):
-        load_vector(path)
-    sidecar_path(path).unlink()
-    with pytest.raises(VectorFileError, match="sidecar .* is missing"):
-        load_vector(path)
-
-
-def test_shipped_names(tmp_path):
-    with pytest.raises(VectorNameError, match="unknown vector name 'no-such-relation'"):
-        find_vectors("no-such-relation")
-    with pytest.raises(VectorNameError, match="unknown kind 'cfx'"):
-        find_vectors("cfx:antonym")
-    for model, kind in (("m1", "fv"), ("m1", "ffv"), ("m2", "fv")):
-        save_vector(tmp_path / model / kind / "antonym.safetensors", torch.ones(4), _meta(kind=kind, model_fingerprint=model))
-    found = find_vectors("antonym", root=tmp_path)
-    assert sorted((v.metadata["model_fingerprint"], v.metadata["kind"]) for v in found) == [("m1", "ffv"), ("m2", "fv")]
-    assert [v.metadata["kind"] for v in find_vectors("fv:antonym", root=tmp_path)] == ["fv", "fv"]

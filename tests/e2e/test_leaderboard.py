@@ -1,8 +1,8 @@
 """`ffv leaderboard` on real lm-eval results files: one run of the stock `lm_eval` command line
 (Gemma 3 270M with the shipped antonym FFV, --log_samples) and `ffv leaderboard --run` adding the
 unpatched and 2-shot runs (reusing the FFV one), all with --limit 5; the HTML page in headless
-Chromium. The paired gains over unpatched also on written results and samples files of analogy
-tasks (three metrics each), with and without samples."""
+Chromium. (Written results of the analogy tasks: tests/reports/test_leaderboard_results.py; run
+plans: tests/evaluation/test_leaderboard_runs.py.)"""
 
 from __future__ import annotations
 
@@ -18,18 +18,19 @@ from pathlib import Path
 
 import pytest
 
+from ffv_eval.evaluation.leaderboard_runs import plan_runs, plan_tasks, runs_to_do
 from ffv_eval.reports import leaderboard_render
 from ffv_eval.reports.leaderboard_render import COMPOSITE_RELATION, format_markdown, vector_rows, write_csv, write_leaderboard
-from ffv_eval.reports.leaderboard_results import (PROJECT_DATA, LeaderboardError, build_leaderboard, condition_name,
-                                                  primary_metric, samples_file)
-from ffv_eval.evaluation.leaderboard_runs import expand_tasks, plan_runs, plan_tasks, planned_vector, runs_to_do
-from ffv_eval.reports.paired import MCNEMAR, WILCOXON, paired_gain
+from ffv_eval.reports.leaderboard_results import LeaderboardError, build_leaderboard, samples_file
+from ffv_eval.reports.paired import MCNEMAR, paired_gain
 
 # Debian names it chromium, Ubuntu chromium-browser; Google's build is google-chrome
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 MODEL, TASK = "gemma-3-270m", "relation_antonym"
 RUN_ARGS = ["--run", MODEL, "--tasks", TASK, "--conditions", "unpatched", "ffv", "2-shot",
                "--limit", "5"]
+
+pytestmark = pytest.mark.slow  # every test reads the real runs of the module's fixture
 
 
 def _env() -> dict:
@@ -230,18 +231,6 @@ def test_plain_hf_run_is_named_by_pretrained(real_runs, tmp_path):
     assert [e.cell for e in board.entries] == [("/cache/gemma-3-270m", "unpatched", TASK)]
 
 
-def test_condition_names_and_primary_metric():
-    assert condition_name(TASK, 0, None, None) == "unpatched"
-    assert condition_name(TASK, 10, None, None) == "10-shot"
-    assert condition_name(TASK, 0, "ffv", "antonym") == "ffv"
-    assert condition_name("relation_capitalize", 0, "fv", "antonym") == "fv:antonym"
-    assert condition_name(TASK, 5, "cfv", "antonym") == "cfv+5-shot"
-    scores = {"alias": "x", "acc_norm,none": 0.5, "acc,none": 0.4, "acc_stderr,none": 0.1, "acc_norm_stderr,none": 0.2}
-    assert primary_metric(scores) == ("acc", 0.4, 0.1)
-    assert primary_metric({"top_answer,none": 0.3, "top_answer_stderr,none": "N/A"}) == ("top_answer", 0.3, None)
-    assert primary_metric({"alias": "group"}) is None
-
-
 # -- bad input ----------------------------------------------------------------------------
 
 def test_truncated_json_names_file_line_and_column(real_runs, tmp_path):
@@ -252,50 +241,6 @@ def test_truncated_json_names_file_line_and_column(real_runs, tmp_path):
     with pytest.raises(LeaderboardError, match=r"line \d+ column \d+") as err:
         build_leaderboard([tmp_path])
     assert str(bad) in str(err.value) and "malformed JSON" in str(err.value)
-
-
-@pytest.mark.parametrize("content, field", [
-    ({"accuracy": 0.5}, "results"),
-    ({"results": {}, "config": {}, "versions": {}}, "n-shot"),
-    ([1, 2, 3], "list"),
-])
-def test_json_that_is_not_lm_evals_is_refused(tmp_path, content, field):
-    bad = tmp_path / "results_x.json"
-    bad.write_text(json.dumps(content))
-    with pytest.raises(LeaderboardError) as err:
-        build_leaderboard([tmp_path])
-    assert str(bad) in str(err.value) and "not an lm-eval results file" in str(err.value) and field in str(err.value)
-
-
-def test_empty_or_missing_directory(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(LeaderboardError, match="no lm-eval results files"):
-        build_leaderboard([tmp_path / "empty"])
-    staging = tmp_path / "empty" / ".ffv-run-abc" / MODEL / "results_2026.json"  # an interrupted --run
-    staging.parent.mkdir(parents=True)
-    staging.write_text("{")
-    with pytest.raises(LeaderboardError, match="no lm-eval results files"):
-        build_leaderboard([tmp_path / "empty"])
-    with pytest.raises(LeaderboardError, match="no such results directory"):
-        build_leaderboard([tmp_path / "absent"])
-    from ffv_eval.cli import main
-
-    assert main(["leaderboard", str(tmp_path / "empty"), "--out-prefix", str(tmp_path / "lb")]) == 2
-    assert f"ffv: error: {tmp_path / 'empty'}: no lm-eval results files" in capsys.readouterr().err
-    assert not list(tmp_path.glob("lb*"))
-
-
-def test_run_plan_refuses_what_cannot_run_before_running():
-    with pytest.raises(LeaderboardError, match="sat_analogy"):
-        plan_runs([MODEL], ["sat_analogy"], ["ffv"])
-    with pytest.raises(LeaderboardError, match="no shipped vector for: .*no-such-model/ffv/antonym.safetensors"):
-        plan_runs(["no-such-model"], [TASK], ["unpatched", "ffv"])
-    runs = plan_runs([MODEL], expand_tasks(["relations"]), ["unpatched", "fv", "fv:antonym", "cfv"])
-    assert len(runs[0].tasks) == 6 and runs[0].vector is None
-    # one run patches each relation task with its own FV (vector=fv:*)
-    assert runs[1].vector == "fv:*" and runs[1].tasks == runs[0].tasks and set(runs[1].labels) == {"fv"}
-    assert runs[2].vector == "fv:antonym" and runs[2].labels[0] == "fv" and runs[2].labels[1] == "fv:antonym"
-    assert runs[3].vector == "cfv" and set(runs[3].labels) == {"cfv"}
 
 
 # -- reuse only of runs that would score the same -------------------------------------------
@@ -320,7 +265,7 @@ def _set_vector(**fields):
 
 
 def _shipped_ffv_sha256() -> str:
-    from ffv_eval.vectors.store import shipped_path
+    from ffv_eval.vectors.library import shipped_path
 
     return hashlib.sha256(shipped_path(MODEL, "ffv", "antonym").read_bytes()).hexdigest()
 
@@ -364,25 +309,6 @@ def test_another_model_or_limit_is_rerun(real_runs, tmp_path):
     assert len(todo) == 1 and "model fingerprint" in log and "0123456789abcdef now" in log
     todo, log = _reuse_decision(real_runs, tmp_path / "b", lambda d: None, limit=None)
     assert len(todo) == 1 and "limit: 5.0 in the results, none now" in log
-
-
-def test_no_model_is_loaded_when_there_is_nothing_to_compare(tmp_path):
-    runs = plan_runs([MODEL], [TASK], ["unpatched"])
-    todo = runs_to_do(runs, plan_tasks([TASK]), tmp_path / "none", None,
-                      fingerprint_of=lambda model: pytest.fail("loaded a model"), log=lambda line: None)
-    assert todo == runs
-
-
-def test_task_plans_expand_groups_and_know_versions_and_data_sources(shared_data):
-    from ffv_eval.data.relations import HEADLINE_RELATIONS, RelationDataError
-
-    plans = plan_tasks(["relations", "todd_antonym", "relation_antonym", "hellaswag"], shared_data)
-    assert [p.name for p in plans] == [f"relation_{r}" for r in HEADLINE_RELATIONS] + ["todd_antonym", "hellaswag"]
-    assert {(p.version, p.data_source) for p in plans[:6]} == {("1.0", PROJECT_DATA)}
-    assert (plans[6].version, plans[6].data_source) == ("1.0", f"data directory {shared_data}")
-    assert (plans[7].version, plans[7].data_source) == (None, None)  # not ffv-eval's: never reused
-    with pytest.raises(RelationDataError, match="no data directory given"):  # before any model loads
-        plan_tasks(["todd"])
 
 
 def test_runs_of_different_data_sources_are_not_mixed(real_runs, tmp_path):
@@ -473,7 +399,7 @@ def test_alignment_and_vector_quality_tables(real_runs, tmp_path):
     from ffv_eval.cli import main
     from ffv_eval.reports.leaderboard_sections import SectionError, alignment_section
 
-    baseline = Path(__file__).resolve().parent.parent / "vectors" / MODEL / "quality-baseline.json"
+    baseline = Path(__file__).resolve().parent.parent.parent / "vectors" / MODEL / "quality-baseline.json"
     figures = json.loads(baseline.read_text())["vectors"]["ffv/antonym"]
     report = {"model": MODEL, "sets": {kind: {
         "n_vectors": 24, "relsim": {"spearman": rho, "ci95": [rho - 0.05, rho + 0.05], "n_comparisons": 600},
@@ -506,135 +432,3 @@ def test_a_composite_run_names_its_relation_as_per_question(real_runs, tmp_path)
     assert vector_rows(board)[0][4] == COMPOSITE_RELATION
 
 
-# -- paired gains of the analogy tasks, from written results and samples files -----------------
-
-MC_TASK, COMPLETION_TASK = "u2_analogy", "analogy_completion_semeval"
-METRICS = {MC_TASK: ("acc", "acc_norm", "acc_d"), COMPLETION_TASK: ("top_answer", "human_share", "repeats_abc")}
-LOWER_IS_BETTER = {"repeats_abc"}
-
-
-def _outcomes(seed: int, n: int) -> dict[str, dict[str, list[float]]]:
-    """Per task and metric, n questions' values: 0/1, human_share a share."""
-    rng = __import__("random").Random(seed)
-    return {task: {m: [round(rng.random(), 2) if m == "human_share" else float(rng.random() < 0.5) for _ in range(n)]
-                   for m in metrics} for task, metrics in METRICS.items()}
-
-
-def _write_run(directory: Path, date: str, vector: dict | None, outcomes: dict, samples: bool = True,
-               order=None) -> Path:
-    """A results file as lm-eval writes it (the aggregates are the means of the per-question
-    values) and, unless told not, a samples file per task, lines in the given doc order."""
-    directory.mkdir(parents=True, exist_ok=True)
-    results = {task: {"alias": task, **{f"{m},none": sum(v) / len(v) for m, v in metrics.items()},
-                      **{f"{m}_stderr,none": 0.05 for m in metrics}} for task, metrics in outcomes.items()}
-    data = {"results": results, "versions": {t: 2.0 for t in outcomes}, "n-shot": {t: 0 for t in outcomes},
-            "higher_is_better": {t: {m: m not in LOWER_IS_BETTER for m in METRICS[t]} for t in outcomes},
-            "config": {"model": "ffv-patched", "model_args": f"pretrained={MODEL},vector={'none' if vector is None else vector['kind']}",
-                       "ffv_model": MODEL, "ffv_vector": vector, "model_fingerprint": "f" * 16},
-            "configs": {t: {"metadata": {"data_source": "data_dir", "data_dir": "/data"}} for t in outcomes},
-            "lm_eval_version": "0.4.13", "date": float(len(list(directory.iterdir())))}
-    path = directory / f"results_{date}.json"
-    path.write_text(json.dumps(data))
-    for task, metrics in outcomes.items() if samples else ():
-        n = len(next(iter(metrics.values())))
-        lines = [{"doc_id": i, "doc": {"a": f"a{i}"}, "filter": "none", "doc_hash": f"hash-{task}-{i}",
-                  **{m: v[i] for m, v in metrics.items()}} for i in range(n)]
-        lines += [{**line, "filter": "other", **{m: 0.0 for m in metrics}} for line in lines]  # another filter: not read
-        ordered = [lines[i] for i in (order or range(len(lines)))]
-        (directory / f"samples_{task}_{date}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in ordered))
-    return path
-
-
-CFV_RECORD = {"kind": "cfv", "relation": None, "path": "/basis", "sha256": "b" * 64, "patch_layer": 6, "layer": 6,
-              "patch_scale": 1.0}
-AUTO_RECORD = {"kind": "auto", "relation": None, "path": "per task", "patch_scale": 1.0,
-               "per_task": {MC_TASK: CFV_RECORD, COMPLETION_TASK: CFV_RECORD}}
-
-
-def _analogy_runs(tmp_path: Path, n: int = 40) -> tuple[Path, dict]:
-    outcomes = {"unpatched": _outcomes(1, n), "cfv": _outcomes(2, n), "auto": _outcomes(3, n)}
-    directory = tmp_path / "results" / MODEL
-    shuffled = list(reversed(range(2 * n)))
-    _write_run(directory, "2026-01-01T00-00-00", None, outcomes["unpatched"])
-    _write_run(directory, "2026-01-02T00-00-00", CFV_RECORD, outcomes["cfv"], order=shuffled)
-    _write_run(directory, "2026-01-03T00-00-00", AUTO_RECORD, outcomes["auto"])
-    return tmp_path / "results", outcomes
-
-
-def test_paired_gains_per_metric_of_the_analogy_tasks(tmp_path):
-    results, outcomes = _analogy_runs(tmp_path)
-    board = build_leaderboard([results])
-    assert board.conditions == ["unpatched", "cfv", "auto"]
-    rows = {(r.patched.condition, r.patched.task, r.metric): r for r in board.paired_gains}
-    assert set(rows) == {(c, t, m) for c in ("cfv", "auto") for t, ms in METRICS.items() for m in ms}
-    for (condition, task, metric), row in rows.items():
-        treated, base = outcomes[condition][task][metric], outcomes["unpatched"][task][metric]
-        assert row.paired == paired_gain(treated, base)  # matched on doc_id, whatever the line order
-        assert row.paired.test == (WILCOXON if metric == "human_share" else MCNEMAR)
-        assert row.gain == pytest.approx(row.patched.scores[metric] - row.unpatched.scores[metric])  # = the aggregates
-        if row.paired.test == MCNEMAR:
-            b = sum(1 for t, u in zip(treated, base) if u == 1 and t == 0)
-            c = sum(1 for t, u in zip(treated, base) if u == 0 and t == 1)
-            assert row.paired.discordant == (b, c)
-    markdown = format_markdown(board)
-    acc = rows[("auto", MC_TASK, "acc_d")].paired
-    assert (f"| {MODEL} | {MC_TASK} | acc_d | auto | {rows[('auto', MC_TASK, 'acc_d')].unpatched.scores['acc_d']:.3f} | "
-            f"{rows[('auto', MC_TASK, 'acc_d')].patched.scores['acc_d']:.3f} | {acc.mean_gain:+.3f} | "
-            f"[{acc.ci95[0]:+.3f}, {acc.ci95[1]:+.3f}] | {MCNEMAR} | {acc.p_value:.3g} | 40 |") in markdown
-    assert f"| {COMPLETION_TASK} | repeats_abc (lower is better) | cfv |" in markdown
-    assert "## Gain over unpatched, paired over the same questions" in markdown
-
-    write_csv(board, tmp_path / "board.csv")
-    csv_rows = list(csv.DictReader((tmp_path / "board.csv").open(encoding="utf-8")))
-    assert len(csv_rows) == 3 * 2 * 3  # conditions x tasks x metrics
-    human = next(r for r in csv_rows if (r["condition"], r["task"], r["metric"]) == ("cfv", COMPLETION_TASK, "human_share"))
-    paired = rows[("cfv", COMPLETION_TASK, "human_share")].paired
-    assert (float(human["gain"]), float(human["gain_ci95_low"]), float(human["gain_ci95_high"]), float(human["gain_p"])) == (
-        paired.mean_gain, *paired.ci95, paired.p_value)
-    assert human["gain_test"] == WILCOXON and human["gain_n"] == "40" and human["primary"] == "False"
-    repeats = next(r for r in csv_rows if (r["condition"], r["task"], r["metric"]) == ("auto", COMPLETION_TASK, "repeats_abc"))
-    assert repeats["higher_is_better"] == "False" and repeats["gain_discordant"] == "/".join(
-        map(str, rows[("auto", COMPLETION_TASK, "repeats_abc")].paired.discordant))
-    assert all(r["gain"] == "" for r in csv_rows if r["condition"] == "unpatched")
-
-    html = leaderboard_render.render_html(board)
-    table = re.search(r'<table id="paired-gains">.*?</table>', html, re.S).group(0)
-    assert table.count("<tr>") == 1 + len(rows) and f"[{acc.ci95[0]:+.3f}, {acc.ci95[1]:+.3f}]" in table
-
-
-def test_the_auto_condition_and_its_vectors(tmp_path):
-    results, _ = _analogy_runs(tmp_path)
-    board = build_leaderboard([results])
-    auto = [row for row in vector_rows(board) if row[1] == "auto"]
-    assert [row[3:5] for row in auto] == [["auto (cfv)", COMPOSITE_RELATION]] * 2
-    runs = plan_runs([MODEL], [TASK, MC_TASK], ["unpatched", "auto"])
-    assert (runs[0].vector, runs[1].vector, runs[1].labels) == (None, "auto", ("auto", "auto"))
-    # vector=auto gives relation_<name> its FFV and an analogy task a CFV per question
-    ffv = plan_runs([MODEL], [TASK], ["ffv"])[0]
-    cfv = plan_runs([MODEL], [MC_TASK], ["cfv"])[0]
-    assert planned_vector(MODEL, runs[1], TASK) == planned_vector(MODEL, ffv, TASK) != None  # noqa: E711
-    assert planned_vector(MODEL, runs[1], MC_TASK) == planned_vector(MODEL, cfv, MC_TASK)
-    with pytest.raises(LeaderboardError, match="no shipped vector for: .*no-such-model/ffv/antonym.safetensors"):
-        plan_runs(["no-such-model"], [TASK, MC_TASK], ["auto"])
-
-
-def test_missing_or_unmatched_samples_are_said_in_the_row(tmp_path):
-    results, outcomes = _analogy_runs(tmp_path)
-    directory = results / MODEL
-    (directory / f"samples_{MC_TASK}_2026-01-02T00-00-00.jsonl").unlink()  # the cfv run's MC samples
-    shorter = {t: {m: v[:30] for m, v in ms.items()} for t, ms in outcomes["auto"].items()}  # auto rerun with --limit 30
-    _write_run(directory, "2026-01-04T00-00-00", AUTO_RECORD, shorter)
-    (directory / f"samples_{MC_TASK}_2025-12-31T00-00-00.jsonl").write_text("{}\n")  # another date: not this run's
-    board = build_leaderboard([results])
-    rows = {(r.patched.condition, r.patched.task, r.metric): r for r in board.paired_gains}
-    missing = rows[("cfv", MC_TASK, "acc")]
-    assert missing.paired is None and "results_2026-01-02T00-00-00.json (patched)" in missing.note
-    assert "rerun with --log_samples" in missing.note
-    assert missing.gain == pytest.approx(missing.patched.scores["acc"] - missing.unpatched.scores["acc"])
-    unmatched = rows[("auto", MC_TASK, "acc")]
-    assert unmatched.paired is None and "not over the same questions" in unmatched.note
-    assert "10 only in unpatched" in unmatched.note
-    assert rows[("cfv", COMPLETION_TASK, "top_answer")].paired is not None  # its samples are there
-    markdown = format_markdown(board)
-    line = next(l for l in markdown.splitlines() if l.startswith(f"| {MODEL} | {MC_TASK} | acc | cfv |"))
-    assert "no per-question samples" in line and line.endswith("|  |  |  |")  # no test, p or n

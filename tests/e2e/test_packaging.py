@@ -3,8 +3,8 @@
 - the wheel, installed into a fresh virtual environment, serves stock `lm_eval` run from a
   directory outside the checkout and writes nothing into site-packages;
 - jobs write under ./vectors of the working directory (or --out / --baseline), look names up
-  there first, and refuse the installed package or a read-only place before any model work;
-- two processes that fill a fresh cache at once wait for each other (file lock);
+  there first, and refuse the installed package or a read-only place before any model work
+  (in this process: tests/vectors/test_locations.py, tests/files/test_atomic.py);
 - a dependency outside the supported range, or a broken install, is one clear message, and
   stock lm-eval keeps working.
 
@@ -19,22 +19,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import ffv_eval
-from ffv_eval.files.atomic import UnwritableOutput, check_writable
-from ffv_eval.dependency_versions import DependencyVersionError, version_problems
-from ffv_eval.files.lock import CacheLockTimeout, cache_lock, owner_path
+from ffv_eval.dependency_versions import DependencyVersionError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 MODEL = "gemma-3-270m"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -87,6 +83,7 @@ def _listing(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_wheel_serves_stock_lm_eval_outside_the_checkout(wheel_venv, tmp_path):
     package = wheel_venv.site_packages / "ffv_eval"
     where = _last_json(_run([wheel_venv.python, "-c", "import json, ffv_eval; print(json.dumps(ffv_eval.__file__))"], tmp_path))
@@ -112,9 +109,9 @@ def test_installed_jobs_refuse_the_package_and_default_to_the_working_directory(
         import json
         from pathlib import Path
         import ffv_eval
-        from ffv_eval.reports import quality_gate
+        from ffv_eval.evaluation import quality_gate
         from ffv_eval.vectors import jobs as vector_jobs
-        from ffv_eval.vectors.locations import output_path
+        from ffv_eval.vectors.library import output_path
 
         def no_model(*args, **kwargs):
             raise AssertionError("the model was loaded")
@@ -151,150 +148,7 @@ def test_installed_jobs_refuse_the_package_and_default_to_the_working_directory(
     assert list(tmp_path.iterdir()) == []
 
 
-# -- working-directory vectors (in this process) ----------------------------------------
-def _copy_vector(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source, target)
-    shutil.copy(source.with_suffix(".json"), target.with_suffix(".json"))
-
-
-def test_names_resolve_in_the_working_directory_first(tmp_path, monkeypatch):
-    from ffv_eval.evaluation.quality_gate import default_baseline_path, shipped_vector_paths
-    from ffv_eval.vectors.jobs import extract_and_save, train_and_save
-    from ffv_eval.vectors.store import find_vectors, shipped_path
-
-    monkeypatch.chdir(tmp_path)
-    shipped_fv = ffv_eval.VECTORS_DIR / MODEL / "fv" / "antonym.safetensors"
-    assert shipped_path(MODEL, "fv", "antonym") == shipped_fv
-    assert default_baseline_path(MODEL) == ffv_eval.VECTORS_DIR / MODEL / "quality-baseline.json"
-
-    local_fv = tmp_path / "vectors" / MODEL / "fv" / "antonym.safetensors"
-    _copy_vector(shipped_fv, local_fv)  # a bare name prefers ffv, but ./vectors wins first
-    local_baseline = tmp_path / "vectors" / MODEL / "quality-baseline.json"
-    local_baseline.write_text("{}")
-    assert shipped_path(MODEL, "fv", "antonym") == local_fv
-    assert shipped_path(MODEL, "ffv", "antonym") == ffv_eval.VECTORS_DIR / MODEL / "ffv" / "antonym.safetensors"
-    by_model = {v.path.parent.parent.name: v.path for v in find_vectors("antonym")}
-    assert by_model[MODEL] == local_fv
-    assert by_model["smollm2-135m"] == ffv_eval.VECTORS_DIR / "smollm2-135m" / "ffv" / "antonym.safetensors"
-    assert default_baseline_path(MODEL) == local_baseline
-    checked = shipped_vector_paths(MODEL, ("fv",))
-    assert local_fv in checked and shipped_fv not in checked
-    assert len(checked) == len(list((ffv_eval.VECTORS_DIR / MODEL / "fv").glob("*.safetensors")))
-
-    # default outputs are ./vectors/<model>/<kind>/<relation>: existing ones are refused there,
-    # before any model work
-    with pytest.raises(ValueError, match=f"{local_fv} exists; pass --force"):
-        extract_and_save(MODEL, "antonym")
-    _copy_vector(shipped_fv, tmp_path / "vectors" / MODEL / "ffv" / "antonym.safetensors")
-    with pytest.raises(ValueError, match=f"{tmp_path / 'vectors' / MODEL / 'ffv' / 'antonym.safetensors'} exists"):
-        train_and_save(MODEL, "antonym")
-
-
-def test_unwritable_outputs_are_refused_with_the_option_to_use(tmp_path):
-    inside = Path(ffv_eval.__file__).resolve().parent / "vectors" / "x.safetensors"
-    with pytest.raises(UnwritableOutput, match=r"inside the installed ffv-eval package .* pass --out"):
-        check_writable(inside, "--out")
-    a_file = tmp_path / "file"
-    a_file.write_text("")
-    with pytest.raises(UnwritableOutput, match=rf"{a_file / 'x.json'}: cannot write there \({a_file} is not a writable folder\); pass --baseline"):
-        check_writable(a_file / "x.json", "--baseline")
-    check_writable(tmp_path / "new" / "folder" / "x.safetensors", "--out")  # folders are made on write
-    assert not (tmp_path / "new").exists()
-
-
-# -- file locks -------------------------------------------------------------------------
-_CONVERT = """
-    import json, os, sys, time
-    from pathlib import Path
-    from ffv_eval.models import loading as model_loading
-
-    cache = Path(os.environ["FFV_CACHE_DIR"])
-    def slow_fake_conversion(model, target):  # stands in for the one-minute GGUF conversion
-        with open(cache / "conversions.txt", "a") as f:
-            f.write(f"{os.getpid()}\\n")
-        time.sleep(2)
-        staging = target.with_name(f".{target.name}-{os.getpid()}")
-        staging.mkdir(parents=True)
-        (staging / "config.json").write_text("{}")
-        staging.rename(target)  # fails if another process got there first
-    model_loading._convert_gguf = slow_fake_conversion
-
-    (cache / f"ready-{os.getpid()}").touch()  # start together
-    while len(list(cache.glob("ready-*"))) < 2:
-        time.sleep(0.01)
-    print(json.dumps({"path": model_loading.resolve_pretrained("gemma-3-270m"), "pid": os.getpid()}))
-"""
-
-
-def test_two_processes_filling_a_fresh_model_cache_convert_once(tmp_path):
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_CONVERT)], cwd=tmp_path, env=_env(FFV_CACHE_DIR=str(cache)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr[-3000:]
-    results = [_last_json(subprocess.CompletedProcess([], 0, stdout, "")) for stdout, _ in outputs]
-    target = cache / "models" / MODEL
-    assert [r["path"] for r in results] == [str(target)] * 2
-    converters = (cache / "conversions.txt").read_text().split()
-    assert len(converters) == 1
-    assert json.loads((target / "config.json").read_text()) == {}
-    left = {p.name for p in (cache / "models").iterdir()} - {f"{MODEL}.lock"}  # the lock file may stay
-    assert left == {MODEL}  # no owner file, no staging folder left
-    waiter = next(stdout for (stdout, _), r in zip(outputs, results) if str(r["pid"]) != converters[0])
-    lock = cache / "models" / f"{MODEL}.lock"
-    assert waiter.count("[ffv] waiting") == 1
-    assert f"for {lock}, held by pid {converters[0]} on host " in waiter and f"converting {MODEL}" in waiter
-    assert f"delete {lock}" in waiter
-
-
-_HOLD = """
-    import sys, time
-    from ffv_eval.files.lock import cache_lock
-    with cache_lock(sys.argv[1], "holding it for a test"):
-        print("held", flush=True)
-        time.sleep(120)
-"""
-
-
-def test_a_held_lock_is_waited_for_then_times_out_naming_the_lock(tmp_path):
-    lock = tmp_path / "cache" / "thing.lock"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HOLD), str(lock)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        messages = []
-        t = time.perf_counter()
-        with pytest.raises(CacheLockTimeout) as caught:
-            with cache_lock(lock, "a test", timeout=0.5, report=messages.append):
-                pytest.fail("acquired a lock that another process holds")
-        assert time.perf_counter() - t >= 0.5
-        assert len(messages) == 1 and f"held by pid {holder.pid} on host " in messages[0]
-        assert str(caught.value).startswith(f"{lock} is still held after 0.5s by pid {holder.pid}")
-        assert "FFV_LOCK_TIMEOUT" in str(caught.value)
-    finally:
-        holder.kill()
-        holder.wait()
-    # the OS frees the lock of a killed process: no stale lock to clear by hand
-    with cache_lock(lock, "a test", timeout=5, report=messages.append):
-        assert json.loads(owner_path(lock).read_text())["pid"] == os.getpid()
-    assert not owner_path(lock).exists() and len(messages) == 1
-
-
 # -- dependency versions and a broken install -------------------------------------------
-def test_version_problems_name_package_version_range_and_fix():
-    requirements = ["torch>=2.4,<3", "lm-eval>=0.4.9,<0.5", "nnsight>=0.5,<0.9", "transformers>=5.0,<6",
-                    "accelerate>=1.2,<2", "pytest>=7; extra == 'test'", "torch<1; extra == 'old'"]
-    installed = {"torch": "2.13.0+cpu", "lm-eval": "0.4.13", "nnsight": "0.9.0rc1", "transformers": None, "accelerate": "0.1"}
-    problems = version_problems(requirements, installed.get)
-    assert problems == [
-        "nnsight 0.9.0rc1 is installed, outside the supported range <0.9,>=0.5; fix: pip install 'nnsight<0.9,>=0.5'",
-        "transformers is not installed; ffv-eval supports transformers<6,>=5.0; fix: pip install 'transformers<6,>=5.0'",
-    ]
-    assert version_problems(requirements, {**installed, "nnsight": "0.8.1", "transformers": "5.3.0.dev0"}.get) == []
-
-
 def _fake_distribution(folder: Path, name: str, version: str) -> Path:
     info = folder / f"{name}-{version}.dist-info"
     info.mkdir(parents=True)

@@ -95,6 +95,7 @@ def test_registry_import_registers_model_lazily(tmp_path):
     assert out["builtins"] > 30  # lm-eval's own models are all still registered
 
 
+@pytest.mark.slow  # indexes all of lm-eval's ~10k task files
 def test_task_manager_sees_project_and_builtin_tasks(tmp_path):
     out = _python(
         f"""
@@ -159,6 +160,7 @@ def test_task_manager_include_path_forms(tmp_path):
         assert case["extra"] == (name not in ("none", "only_ours")), name
 
 
+@pytest.mark.slow
 def test_cli_lists_project_and_builtin_tasks(tmp_path):
     commands = {
         "python -m lm_eval": [sys.executable, "-m", "lm_eval", "ls", "tasks"],
@@ -175,6 +177,7 @@ def test_cli_lists_project_and_builtin_tasks(tmp_path):
         assert f"|{BUILTIN_TASK} " in stdout, name
 
 
+@pytest.mark.slow
 def test_simple_evaluate_runs_a_project_task(tmp_path):
     out = _python(
         f"""

@@ -2,13 +2,21 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from ffv_eval.evaluation.alignment import (
-    Comparison, bootstrap_interval, prototypicality_alignment, read_relsim, relsim_alignment, spearman,
-)
 from ffv_eval.data.relations import RelationDataError
+from ffv_eval.evaluation.alignment import (
+    Comparison,
+    bootstrap_interval,
+    prototypicality_alignment,
+    read_relsim,
+    relsim_alignment,
+    spearman,
+)
+from ffv_eval.reports.paired import PERMUTATION, WILCOXON
+from tests.conftest import toy_alignment
 
 
 def test_spearman_matches_the_rank_formula_and_handles_ties():
@@ -43,7 +51,8 @@ def test_profiles_that_follow_the_ratings_align_and_noise_does_not():
             comparisons.append(Comparison(pairs[i], pairs[j], 4 + 3 * sim))
     aligned = relsim_alignment(profiles, comparisons, resamples=200)
     assert aligned["spearman"] == pytest.approx(1.0) and aligned["ci95"][0] > 0.99
-    shuffled = [Comparison(c.first, c.second, r) for c, r in zip(comparisons, random.Random(0).sample([c.rating for c in comparisons], len(comparisons)))]
+    shuffled_ratings = random.Random(0).sample([c.rating for c in comparisons], len(comparisons))
+    shuffled = [Comparison(c.first, c.second, r) for c, r in zip(comparisons, shuffled_ratings)]
     assert abs(relsim_alignment(profiles, shuffled, resamples=200)["spearman"]) < 0.2
     centre = torch.randn(8, dtype=torch.float64)
     members = [(float(k), (f"c{k}", f"d{k}")) for k in range(10)]
@@ -69,10 +78,11 @@ def test_relsim_reader_names_file_and_line(tmp_path):
 def test_align_on_gemma_with_shipped_fv_and_ffv(gemma, shared_data, monkeypatch):
     from scipy import stats
 
-    from ffv_eval.reports import alignment
-    from ffv_eval.models.patching import Patcher
     from ffv_eval.data.relations import HEADLINE_RELATIONS
-    from ffv_eval.vectors.store import load_vector, shipped_path
+    from ffv_eval.evaluation import alignment
+    from ffv_eval.models.patching import Patcher
+    from ffv_eval.vectors.library import shipped_path
+    from ffv_eval.vectors.store import load_vector
 
     seen = []  # what align hands to relsim_alignment, to recompute the figures with scipy
 
@@ -98,3 +108,28 @@ def test_align_on_gemma_with_shipped_fv_and_ffv(gemma, shared_data, monkeypatch)
         assert relsim["ci95"] == pytest.approx([ci.low, ci.high], abs=0.1), (kind, relsim["ci95"], ci)
     # the two vector sets give different representations, hence different figures
     assert report["sets"]["fv"]["relsim"]["spearman"] != report["sets"]["ffv"]["relsim"]["spearman"]
+
+
+# -- paired: each vector set against the first ---------------------------------------------------
+def test_align_compares_each_set_with_the_first_paired():
+    from scipy import stats
+
+    from ffv_eval.evaluation.alignment import compare_sets, format_alignment_markdown
+
+    sets, similarities, comparisons = toy_alignment()
+    comparison = compare_sets(similarities, comparisons, sets, resamples=2000)
+    assert list(comparison) == ["good - noise"]
+    rs, sp = comparison["good - noise"]["relsim"], comparison["good - noise"]["semeval_prototypicality"]
+    ratings = [c.rating for c in comparisons]
+    rho = {k: stats.spearmanr(similarities[k], ratings).statistic for k in similarities}
+    assert rs["difference"] == pytest.approx(rho["good"] - rho["noise"]) == pytest.approx(
+        sets["good"]["relsim"]["spearman"] - sets["noise"]["relsim"]["spearman"])
+    assert rs["test"] == PERMUTATION and rs["n"] == len(comparisons) and rs["ci95"][0] > 0 and rs["p"] < 0.01
+    per_good = sets["good"]["semeval_prototypicality"]["per_subcategory"]
+    per_noise = sets["noise"]["semeval_prototypicality"]["per_subcategory"]
+    assert sp["test"] == WILCOXON and sp["n"] == 6
+    assert sp["mean_difference"] == pytest.approx(np.mean([per_good[k] - per_noise[k] for k in per_good]))
+    assert sp["p"] == pytest.approx(stats.wilcoxon([per_good[k] - per_noise[k] for k in per_good]).pvalue)
+    report = {"sets": {k: {**v, "n_vectors": 3} for k, v in sets.items()}, "comparisons": comparison}
+    markdown = format_alignment_markdown(report, "toy")
+    assert f"| good - noise | {rs['difference']:+.3f} [{rs['ci95'][0]:+.3f}, {rs['ci95'][1]:+.3f}]" in markdown

@@ -1,16 +1,27 @@
-"""`ffv-patched` is lm-eval's HFLM with a vector: without one it scores exactly as `--model hf`
+"""`ffv-patched` (ffv_eval.harness.model) on the real Gemma 3 270M.
+
+It is lm-eval's HFLM with a vector: without one it scores exactly as `--model hf`
 (float32 and bfloat16, batch_size=auto, softmax_dtype, mixed_precision_dtype, the one-token
 continuation cache, rolling log-likelihoods); with one, each log-likelihood row is patched at its
 own position (checked against a forward hook on one request at a time), a generation gets the
 vector once, at the prefill step, a float32 vector patches the bfloat16 model, and lm-eval's
-response cache keeps differently patched runs apart."""
+response cache keeps differently patched runs apart. Also: scores that do not depend on the batch
+size, the vector's record in lm-eval's results, bad vectors refused before any weights load,
+vector=auto (ffv-patched's default) and vector=<kind>:* (each relation task its own vector)."""
+
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from ffv_eval.models.loading import resolve_pretrained
-from ffv_eval.vectors.store import load_vector, save_vector
+from ffv_eval import TASKS_DIR, VECTORS_DIR
+from ffv_eval.data.relations import load_relation
+from ffv_eval.models.loading import model_fingerprint, resolve_pretrained
+from ffv_eval.models.patching import Patcher
+from ffv_eval.vectors.store import VectorFileError, VectorNameError, load_vector, save_vector
+from tests.conftest import first_words_match, reference_generations
 
 pytestmark = pytest.mark.slow
 
@@ -271,3 +282,244 @@ def test_config_is_read_with_the_hub_arguments_before_the_weights(tmp_path, monk
         lm_model.FFVPatchedLM(pretrained="gemma-3-270m", vector=str(path), revision="v1", trust_remote_code=True,
                               token="hf_x", subfolder="")
     assert seen == {"revision": "v1", "trust_remote_code": True, "token": "hf_x"}
+
+
+# -- patched scoring and generation, the vector's record ---------------------------------------
+@pytest.fixture(scope="module")
+def lm():
+    from ffv_eval.harness.model import FFVPatchedLM
+
+    return FFVPatchedLM(pretrained="gemma-3-270m", batch_size=16)
+
+
+def _requests(kind, args_list):
+    return [Instance(request_type=kind, doc={}, arguments=args, idx=0) for args in args_list]
+
+
+def test_unembedding_direction_vector_emits_its_token_only_where_patched(tmp_path, gemma, lm):
+    model, tok = gemma
+    token = tok(" banana", add_special_tokens=False).input_ids[0]
+    direction = model.lm_head.weight[token].float()
+    vector = direction / direction.norm() * 200_000  # dominates the last block's residual (~36k)
+    path = tmp_path / "banana.safetensors"
+    save_vector(path, vector, {"kind": "fv", "relation": "banana", "model_fingerprint": model_fingerprint(model), "layer": 17})
+
+    context = "Q: hot\nA:"
+    ids = tok(context, return_tensors="pt").input_ids
+    patcher = Patcher(model)
+    last = ids.shape[1] - 1
+    patched = patcher.adapter.unembed(patcher.final_hidden(ids, layer=17, vector=vector, positions=torch.tensor([last])))
+    plain = model(ids).logits
+    assert patched[0, last].argmax() == token and plain[0, last].argmax() != token
+    assert torch.allclose(patched[0, :last], plain[0, :last], atol=1e-3)  # nothing else moves
+
+    lm.set_vector(str(path))
+    try:
+        (logprob, greedy), = lm.loglikelihood(_requests("loglikelihood", [(context, " banana")]))
+        generated, = lm.generate_until(_requests("generate_until", [(context, {"until": ["\n"], "max_gen_toks": 4})]))
+    finally:
+        lm.set_vector(None)
+    (plain_logprob, plain_greedy), = lm.loglikelihood(_requests("loglikelihood", [(context, " banana")]))
+    assert greedy and not plain_greedy and logprob > plain_logprob + 10
+    assert generated.split()[0] == "banana"
+    assert lm.get_model_info()["ffv_vector"] is None
+
+
+def _ll_requests(n=16):
+    rel = load_relation("antonym")
+    return [(f"Q: {p.input}\nA:", f" {p.output}") for p in rel.test[:n]] + [("Q: big\nA:", " small and large")]
+
+
+def test_scores_do_not_depend_on_batch_size(lm):
+    lm.set_vector("antonym")
+    try:
+        results = {}
+        for bs in (1, 16):
+            lm.batch_size_per_gpu = bs
+            results[bs] = lm.loglikelihood(_requests("loglikelihood", _ll_requests()))
+            gen = [(f"Q: {p.input}\nA:", {"until": ["\n"], "max_gen_toks": 6}) for p in load_relation("antonym").test[:16]]
+            results[f"gen{bs}"] = lm.generate_until(_requests("generate_until", gen))
+    finally:
+        lm.batch_size_per_gpu = 16
+        lm.set_vector(None)
+    for (a, ga), (b, gb) in zip(results[1], results[16]):
+        assert abs(a - b) < 1e-3 and ga == gb
+    assert results["gen1"] == results["gen16"]
+
+
+def test_without_a_vector_scores_equal_stock_hf(lm):
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=resolve_pretrained("gemma-3-270m"), batch_size=16, device="cpu")
+    requests = _ll_requests()
+    ours = lm.loglikelihood(_requests("loglikelihood", requests))
+    theirs = hf.loglikelihood(_requests("loglikelihood", requests))
+    for (a, ga), (b, gb) in zip(ours, theirs):
+        assert abs(a - b) < 1e-4 and ga == gb
+    gen = [(c, {"until": ["\n"], "max_gen_toks": 6}) for c, _ in requests]
+    assert lm.generate_until(_requests("generate_until", gen)) == hf.generate_until(_requests("generate_until", gen))
+
+
+def test_patched_lm_eval_run_records_the_vector(lm, gemma):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ffv_eval import TASKS_DIR
+
+    lm.set_vector("antonym")
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=["relation_antonym"], limit=8, log_samples=True,
+                                      task_manager=TaskManager(include_path=str(TASKS_DIR)))
+    finally:
+        lm.set_vector(None)
+    info = out["config"]["ffv_vector"]
+    assert info["relation"] == "antonym" and info["patch_layer"] == info["layer"]
+    # against plain transformers: greedy generation with the vector added by a torch forward hook
+    samples = sorted(out["samples"]["relation_antonym"], key=lambda s: s["doc_id"])
+    pairs = [(s["doc"]["input"], s["doc"]["output"]) for s in samples]
+    patched = reference_generations(gemma, [a for a, _ in pairs], info["patch_layer"], load_vector(info["path"]).vector)
+    assert [s["filtered_resps"][0] for s in samples] == patched
+    hits = [first_words_match(g, b) for g, (_, b) in zip(patched, pairs)]
+    assert out["results"]["relation_antonym"]["exact_match,none"] == pytest.approx(sum(hits) / len(hits))
+    plain = [first_words_match(g, b) for g, (_, b) in zip(reference_generations(gemma, [a for a, _ in pairs]), pairs)]
+    assert sum(hits) > sum(plain)  # the vector does the task the unpatched model does not
+
+
+# -- bad input: each names the problem before any weights are loaded ------------------------
+@pytest.fixture
+def no_weights(monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the bad input was caught")
+
+    monkeypatch.setattr(HFLM, "__init__", refuse)
+
+
+def _vector_file_of_another_model(tmp_path, size=640, layer=6, fingerprint="0" * 16, values=None):
+    path = tmp_path / "v.safetensors"
+    save_vector(path, torch.ones(size) if values is None else values,
+                {"kind": "fv", "relation": "x", "model_fingerprint": fingerprint, "layer": layer}, force=True)
+    return str(path)
+
+
+def test_bad_vectors_fail_before_the_model_loads(tmp_path, no_weights):
+    from ffv_eval.harness.model import FFVPatchedLM
+
+    with pytest.raises(VectorFileError, match="hidden size 576, the model has 640"):
+        FFVPatchedLM(pretrained="gemma-3-270m", vector=_vector_file_of_another_model(tmp_path, size=576))
+    with pytest.raises(VectorFileError, match="layer 18 out of range: the model has layers 0..17"):
+        FFVPatchedLM(pretrained="gemma-3-270m", vector=_vector_file_of_another_model(tmp_path), layer=18)
+    with pytest.raises(VectorNameError, match="unknown vector name 'no-such-relation'"):
+        FFVPatchedLM(pretrained="gemma-3-270m", vector="no-such-relation")
+    path = _vector_file_of_another_model(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"vector": torch.full((640,), float("nan"))}, path)
+    with pytest.raises(VectorFileError, match="non-finite"):
+        FFVPatchedLM(pretrained="gemma-3-270m", vector=path)
+
+
+def test_vector_for_another_model_is_refused(tmp_path, lm):
+    with pytest.raises(VectorFileError, match="made for model fingerprint 0000000000000000"):
+        lm.set_vector(_vector_file_of_another_model(tmp_path))
+    assert lm.stored_vector is None
+
+
+# -- vector=auto ---------------------------------------------------------------------------------
+def _instance(task, doc, idx=0):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type="loglikelihood", doc=doc, arguments=("Q: x\nA:", " y"), idx=idx,
+                    metadata=(task, 0, 1))
+
+
+@pytest.fixture(scope="module")
+def auto_lm():
+    from ffv_eval.harness.model import FFVPatchedLM
+
+    return FFVPatchedLM(pretrained="gemma-3-270m", batch_size=8)  # no vector=: the default, auto
+
+
+@pytest.mark.slow
+def test_auto_refuses_a_task_without_a_vector_of_its_own(auto_lm):
+    from ffv_eval.harness.model import VectorTaskMismatch
+
+    with pytest.raises(VectorTaskMismatch, match=r"vector=auto: task hellaswag .*vector=none"):
+        auto_lm.loglikelihood([_instance("hellaswag", {"ctx": "x"})])
+
+
+@pytest.mark.slow
+def test_lm_eval_without_model_args_patches_each_task_with_its_own_vector(auto_lm, shared_data):
+    """`lm_eval --model ffv-patched --tasks u2_analogy` with no model_args: a CFV per question
+    (recorded per task in the results), log-likelihoods unlike vector=none's; relation_<name>
+    gets that relation's shipped FFV."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": str(shared_data)})
+
+    def run(model, model_args=None):
+        return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["u2_analogy", "relation_antonym"], limit=3,
+                                       task_manager=tm, log_samples=True, bootstrap_iters=0)
+
+    auto = run("ffv-patched")  # through lm-eval's registry, as the command line does: no model_args at all
+    per_task = auto["config"]["ffv_vector"]["per_task"]
+    assert auto["config"]["ffv_vector"]["kind"] == "auto"
+    assert per_task["u2_analogy"]["kind"] == "cfv" and Path(per_task["u2_analogy"]["path"]) == VECTORS_DIR / "gemma-3-270m" / "basis"
+    assert Path(per_task["relation_antonym"]["path"]) == VECTORS_DIR / "gemma-3-270m" / "ffv" / "antonym.safetensors"
+    plain = run("ffv-patched", "vector=none")
+    assert plain["config"]["ffv_vector"] is None
+
+    def lls(out, task):
+        return [r[0][0] for s in sorted(out["samples"][task], key=lambda s: s["doc_id"]) for r in s["resps"]]
+
+    n = 5  # U2: five choices, then each choice's C part (unpatched: the vector would come after it)
+    auto_u2, plain_u2 = lls(auto, "u2_analogy"), lls(plain, "u2_analogy")
+    for q in range(3):
+        whole = slice(2 * n * q, 2 * n * q + n)
+        c_part = slice(2 * n * q + n, 2 * n * (q + 1))
+        assert max(abs(x - y) for x, y in zip(auto_u2[whole], plain_u2[whole])) > 0.05, q
+        assert auto_u2[c_part] == pytest.approx(plain_u2[c_part], abs=1e-4), q  # float32 rounding of other batch shapes
+    def generations(out):
+        return [s["resps"][0][0] for s in sorted(out["samples"]["relation_antonym"], key=lambda s: s["doc_id"])]
+
+    assert generations(auto) != generations(plain)
+    assert auto["results"]["relation_antonym"]["exact_match,none"] > plain["results"]["relation_antonym"]["exact_match,none"]
+
+
+# -- vector=<kind>:*: one run patches each relation task with its own vector --------------------
+@pytest.mark.slow
+def test_per_task_vectors_equal_one_run_per_vector():
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ffv_eval import TASKS_DIR
+    from ffv_eval.harness.model import FFVPatchedLM, VectorTaskMismatch
+    from ffv_eval.vectors.spec import VectorNameError, VectorSpec
+
+    tasks = ["relation_antonym", "relation_english-french"]
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="ffv:*", batch_size=8)
+    project_tasks = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)  # not lm-eval's ~10k task files
+
+    def run(task_list):
+        out = lm_eval.simple_evaluate(model=lm, tasks=task_list, limit=6, log_samples=True, random_seed=0, task_manager=project_tasks,
+                                      numpy_random_seed=0, torch_random_seed=0)
+        return out, {t: [s["filtered_resps"] for s in out["samples"][t]] for t in task_list}
+
+    together, generations = run(tasks)
+    used = together["config"]["ffv_vector"]["per_task"]
+    assert set(used) == set(tasks) and used["relation_antonym"]["path"].endswith("ffv/antonym.safetensors")
+    for task in tasks:  # the file each task was patched with, by content (what leaderboard --run compares)
+        assert used[task]["sha256"] == hashlib.sha256(Path(used[task]["path"]).read_bytes()).hexdigest()
+    for task in tasks:
+        lm.set_vector(f"ffv:{task.removeprefix('relation_')}")
+        alone, alone_generations = run([task])
+        assert alone_generations[task] == generations[task]
+        assert alone["results"][task]["exact_match,none"] == together["results"][task]["exact_match,none"]
+    lm.set_vector(None)
+    lm.per_task = VectorSpec.parse("ffv:*")
+    with pytest.raises(VectorTaskMismatch, match="u2_analogy is not one"):
+        lm._per_task([type("R", (), {"task_name": "u2_analogy", "doc": {}})()], lambda group: group)
+    with pytest.raises(VectorNameError, match="unknown kind 'nope'"):
+        FFVPatchedLM(pretrained="gemma-3-270m", vector="nope:*")

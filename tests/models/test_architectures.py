@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 
-from ffv_eval.vectors import function_vectors as fv
-from ffv_eval.models.architectures import FAMILIES, PostNormAdapter, UnsupportedArchitecture, adapter_for
+from ffv_eval.models.architectures import FAMILIES, GemmaAdapter, PostNormAdapter, UnsupportedArchitecture, adapter_for
 from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tiny import FAMILY_NAMES, build_tiny_model
+from ffv_eval.vectors import function_vectors as fv
 
 VOCAB = 96  # small, so a head's effect on one answer token's probability is not diluted
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -277,3 +277,52 @@ def test_a_model_whose_modules_are_not_where_its_family_says_is_refused():
     model.config.model_type = "gpt2"  # a Llama module tree under another family's name
     with pytest.raises(UnsupportedArchitecture, match="n_layer|transformer"):
         adapter_for(model)
+
+
+# -- the residual-stream bookkeeping of the tiny Llama and Gemma 3 (tiny_model) ------------------
+def test_head_contributions_equal_what_attention_adds_to_the_residual_stream(tiny_model):
+    """Against plain torch hooks on a real forward pass: the heads' outputs (o_proj's input) at a
+    position, mapped by head_contributions and summed, are what the attention sub-block added to
+    the residual there (the pre-MLP norm's input minus the block's input); each head's share is
+    o_proj applied to that head's slice alone, scaled as the block's post-attention norm (if any)
+    scales the whole."""
+    adapter = adapter_for(tiny_model)
+    first = tiny_model.model.layers[0]  # the norm in front of the MLP: Gemma's own, else Llama's post-attention one
+    mlp_norm = "pre_feedforward_layernorm" if hasattr(first, "pre_feedforward_layernorm") else "post_attention_layernorm"
+    assert isinstance(adapter, GemmaAdapter) == (mlp_norm == "pre_feedforward_layernorm")
+    ids = torch.randint(1, 120, (2, 6))
+    seen, hooks = {}, []
+    for layer, block in enumerate(tiny_model.model.layers):
+        hooks += [
+            block.register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__(("in", layer), args[0])),
+            block.self_attn.o_proj.register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__(("heads", layer), args[0])),
+            getattr(block, mlp_norm).register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__(("mid", layer), args[0])),
+        ]
+    with torch.no_grad():
+        tiny_model(ids)
+    for h in hooks:
+        h.remove()
+    for layer in range(adapter.n_layers):
+        o_proj = tiny_model.model.layers[layer].self_attn.o_proj
+        for row, pos in ((0, 5), (1, 2)):
+            heads = seen["heads", layer][row, pos]
+            added = seen["mid", layer][row, pos] - seen["in", layer][row, pos]
+            per_head = adapter.head_contributions(layer, heads.view(adapter.n_heads, adapter.head_dim))
+            assert torch.allclose(per_head.sum(0), added, atol=1e-5), (layer, (per_head.sum(0) - added).abs().max())
+            with torch.no_grad():
+                alone = torch.stack([o_proj(heads * (torch.arange(heads.numel()) // adapter.head_dim == h)) for h in range(adapter.n_heads)])
+                whole = o_proj(heads)
+            assert torch.allclose(per_head * whole, alone * added, atol=1e-5)
+
+
+def test_unknown_architecture_is_named():
+    class Fake(torch.nn.Module):
+        class config:
+            model_type = "mamba"
+
+    try:
+        adapter_for(Fake())
+    except UnsupportedArchitecture as err:
+        assert "mamba" in str(err)
+    else:
+        raise AssertionError("expected UnsupportedArchitecture")

@@ -10,8 +10,7 @@ import pytest
 
 from ffv_eval.cli import main
 from ffv_eval.data.analogies import completion_scores, one_shot_choices, process_choice_results
-from ffv_eval.reports.cfv_evidence import (MARKER, EvidenceError, Posteriors, explain_cfv, find_runs, pair_questions,
-                                           select)
+from ffv_eval.reports.cfv_evidence import MARKER, EvidenceError, Posteriors, explain_cfv, find_runs, pair_questions, select
 
 MODEL = "smollm2-135m"
 DATES = {"unpatched": "2026-11-27T03-00-50.856885", "cfv": "2026-11-27T04-00-00.000000"}

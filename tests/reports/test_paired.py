@@ -1,8 +1,7 @@
 """Paired statistics (ffv_eval.reports.paired) against independent references: McNemar's exact
 test against a hand-enumerated binomial and a published example, the Wilcoxon signed-rank and
 permutation p-values against full enumeration, the bootstrap interval against the normal
-approximation and its behaviour under shifts and more data; the pairing of lm-eval samples;
-`ffv align`'s paired comparison of vector sets."""
+approximation and its behaviour under shifts and more data; and the pairing of lm-eval samples."""
 
 from __future__ import annotations
 
@@ -11,10 +10,19 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from ffv_eval.reports.paired import (MCNEMAR, PERMUTATION, WILCOXON, Outcome, PairingError, bootstrap_mean_interval,
-                                     match_outcomes, mcnemar_exact, paired_correlation_difference, paired_gain)
+from ffv_eval.reports.paired import (
+    MCNEMAR,
+    PERMUTATION,
+    WILCOXON,
+    Outcome,
+    PairingError,
+    bootstrap_mean_interval,
+    match_outcomes,
+    mcnemar_exact,
+    paired_correlation_difference,
+    paired_gain,
+)
 
 
 def _binary_runs(b: int, c: int, both: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,70 +159,3 @@ def test_identical_sets_do_not_differ():
     assert (result.difference, result.ci95, result.p_value) == (0.0, (0.0, 0.0), 1.0)
 
 
-# -- ffv align: FFV against FV, paired ---------------------------------------------------------
-
-def _toy_alignment():
-    """Profiles where set `good` follows the ratings and set `noise` does not, over the same
-    comparisons and subcategories."""
-    from ffv_eval.evaluation.alignment import Comparison, prototypicality_alignment, relsim_alignment, relsim_similarities
-
-    torch.manual_seed(0)
-    pairs = [(f"a{i}", f"b{i}") for i in range(24)]
-    good = {p: torch.randn(6, dtype=torch.float64) for p in pairs}
-    noise = {p: torch.randn(6, dtype=torch.float64) for p in pairs}
-    comparisons = [Comparison(pairs[i], pairs[j], 4 + 3 * float(torch.corrcoef(torch.stack([good[pairs[i]], good[pairs[j]]]))[0, 1]))
-                   for i in range(0, 24, 2) for j in range(1, 24, 2)]
-    subcategories = []
-    for s in range(6):
-        centre = torch.randn(6, dtype=torch.float64)
-        members = [(float(k), (f"s{s}c{k}", f"s{s}d{k}")) for k in range(6)]
-        for k, (_, pair) in enumerate(members):
-            good[pair] = centre * k + torch.randn(6, dtype=torch.float64)
-            noise[pair] = torch.randn(6, dtype=torch.float64)
-        subcategories.append((f"sub{s}", members))
-    sets = {name: {"relsim": relsim_alignment(profiles, comparisons, 100),
-                   "semeval_prototypicality": prototypicality_alignment(profiles, subcategories, 100)}
-            for name, profiles in (("noise", noise), ("good", good))}
-    similarities = {name: relsim_similarities(profiles, comparisons) for name, profiles in (("noise", noise), ("good", good))}
-    return sets, similarities, comparisons
-
-
-def test_align_compares_each_set_with_the_first_paired():
-    from scipy import stats
-
-    from ffv_eval.evaluation.alignment import compare_sets, format_alignment_markdown
-
-    sets, similarities, comparisons = _toy_alignment()
-    comparison = compare_sets(similarities, comparisons, sets, resamples=2000)
-    assert list(comparison) == ["good - noise"]
-    rs, sp = comparison["good - noise"]["relsim"], comparison["good - noise"]["semeval_prototypicality"]
-    ratings = [c.rating for c in comparisons]
-    rho = {k: stats.spearmanr(similarities[k], ratings).statistic for k in similarities}
-    assert rs["difference"] == pytest.approx(rho["good"] - rho["noise"]) == pytest.approx(
-        sets["good"]["relsim"]["spearman"] - sets["noise"]["relsim"]["spearman"])
-    assert rs["test"] == PERMUTATION and rs["n"] == len(comparisons) and rs["ci95"][0] > 0 and rs["p"] < 0.01
-    per_good = sets["good"]["semeval_prototypicality"]["per_subcategory"]
-    per_noise = sets["noise"]["semeval_prototypicality"]["per_subcategory"]
-    assert sp["test"] == WILCOXON and sp["n"] == 6
-    assert sp["mean_difference"] == pytest.approx(np.mean([per_good[k] - per_noise[k] for k in per_good]))
-    assert sp["p"] == pytest.approx(stats.wilcoxon([per_good[k] - per_noise[k] for k in per_good]).pvalue)
-    report = {"sets": {k: {**v, "n_vectors": 3} for k, v in sets.items()}, "comparisons": comparison}
-    markdown = format_alignment_markdown(report, "toy")
-    assert f"| good - noise | {rs['difference']:+.3f} [{rs['ci95'][0]:+.3f}, {rs['ci95'][1]:+.3f}]" in markdown
-
-
-def test_the_leaderboard_shows_the_paired_alignment_rows(tmp_path):
-    import json
-
-    from ffv_eval.evaluation.alignment import compare_sets
-    from ffv_eval.reports.leaderboard_sections import alignment_section
-
-    sets, similarities, comparisons = _toy_alignment()
-    report = {"model": "toy", "sets": sets, "comparisons": compare_sets(similarities, comparisons, sets, resamples=500)}
-    path = tmp_path / "align.json"
-    path.write_text(json.dumps(report))
-    title, header, rows = alignment_section([str(path)])
-    rs = report["comparisons"]["good - noise"]["relsim"]
-    assert [r[1] for r in rows] == ["noise", "good", "paired: good - noise"]
-    assert rows[2][2] == f"{rs['difference']:+.3f} [{rs['ci95'][0]:+.3f}, {rs['ci95'][1]:+.3f}], p={rs['p']:.3g}"
-    assert "paired permutation" in title and "Wilcoxon" in title

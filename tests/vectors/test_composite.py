@@ -8,50 +8,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
-from ffv_eval.models.patching import Patcher
+from ffv_eval import VECTORS_DIR
 from ffv_eval.data.relations import WordPair
+from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tiny import tiny_llama
 from ffv_eval.vectors.basis import BasisError
-from tests.conftest import tiny_llama
-
-
-class CharTokenizer:
-    """Characters to ids 3..102 (ids fit a tiny model's vocabulary); BOS = 1, pad = 0."""
-
-    pad_token_id, eos_token_id = 0, 2
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = ([1] if add_special_tokens else []) + [3 + ord(ch) % 100 for ch in text]
-        return SimpleNamespace(input_ids=ids)
-
-
-def _relation(offset: int) -> list[WordPair]:
-    words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
-    return [WordPair(w, words[(i + offset) % len(words)]) for i, w in enumerate(words)]
-
-
-def test_batched_training_of_several_relations_equals_training_each_alone():
-    torch.manual_seed(0)
-    patcher = Patcher(tiny_llama())
-    tokenizer = CharTokenizer()
-    settings = TrainingSettings(steps=8, batch_size=3, seed=3)
-    initials = torch.randn(3, 32)
-    together = train_function_vectors(patcher, tokenizer, [_relation(k) for k in (1, 2, 3)], 1, initials, settings)
-    for k, result in zip((1, 2, 3), together):
-        alone = train_function_vector(patcher, tokenizer, _relation(k), 1, initials[k - 1], settings)
-        assert torch.allclose(result.vector, alone.vector, atol=1e-5), k
-        assert result.losses == pytest.approx(alone.losses, abs=1e-5)
-        assert not torch.allclose(result.vector, result.initial_vector)  # it trained
+from tests.conftest import CharTokenizer
 
 
 # -- Gemma 3 270M: a small basis of project relations ------------------------------------------
 @pytest.fixture(scope="module")
 def small_basis(gemma, tmp_path_factory):
-    from ffv_eval.vectors.basis import BasisSettings, build_basis
     from ffv_eval.data.basis_sources import basis_relations
-    from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
-    from ffv_eval.vectors.composite import save_composite_map
     from ffv_eval.models.loading import model_fingerprint
+    from ffv_eval.vectors.basis import BasisSettings, build_basis
+    from ffv_eval.vectors.composite import save_composite_map
+    from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
 
     model, tok = gemma
     patcher = Patcher(model)
@@ -98,9 +70,8 @@ def dataclasses_replace(obj, **changes):
 
 @pytest.mark.slow
 def test_posterior_picks_the_relation_of_a_source_pair(small_basis):
-    from ffv_eval.vectors.composite import relation_posterior
-
     from ffv_eval.data.relations import load_relation
+    from ffv_eval.vectors.composite import relation_posterior
 
     b = small_basis
     # held out: each relation's test pairs, which the basis vectors were not trained on
@@ -207,8 +178,8 @@ def _tiny_basis(n=5, seed=7):
 
 
 def test_batched_posterior_equals_one_source_pair_per_pass_and_its_baseline_is_unpatched(monkeypatch):
-    from ffv_eval.vectors import composite
     from ffv_eval.models.tokens import encode_continuation
+    from ffv_eval.vectors import composite
 
     patcher, tok, basis = Patcher(tiny_llama()), CharTokenizer(), _tiny_basis()
     stems = [("ab", "ba"), ("abc", "cd"), ("x", "yy"), ("cd", "dc"), ("efg", "h")]  # three prompt lengths
@@ -251,8 +222,8 @@ def test_fitted_temperature_is_the_likelihood_optimum():
 
 def test_map_fit_holds_relations_out_and_keeps_what_validation_supports(tmp_path):
     from ffv_eval.vectors.basis import Basis
-    from ffv_eval.vectors.composite_fit import Analogy, MapSettings, fit_composite_map
     from ffv_eval.vectors.composite import load_composite_map, save_composite_map
+    from ffv_eval.vectors.composite_fit import Analogy, MapSettings, fit_composite_map
     from ffv_eval.vectors.store import save_vector
 
     patcher, tok = Patcher(tiny_llama()), CharTokenizer()
@@ -289,3 +260,22 @@ def test_map_fit_holds_relations_out_and_keeps_what_validation_supports(tmp_path
     save_file({"weight": forced.weight, "bias": forced.bias}, str(tmp_path / "composite.safetensors"))
     with pytest.raises(BasisError, match="relation_baseline"):
         load_composite_map(tmp_path, "f" * 16)
+
+
+# -- the shipped map --------------------------------------------------------------------------------
+MODELS = ("gemma-3-270m", "smollm2-135m")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_shipped_map_fitted_on_2000_analogies_and_validated_on_held_out_relations(model):
+    from ffv_eval.vectors.composite import load_composite_map
+
+    cmap = load_composite_map(VECTORS_DIR / model / "basis")
+    meta = cmap.metadata
+    assert meta["analogies"]["fitting"] >= 2000
+    held_out = set(meta["held_out_relations"])
+    assert held_out and held_out <= set(cmap.basis.names) and meta["analogies"]["validation"] > 0
+    assert meta["posterior"] == cmap.posterior_kind and cmap.posterior_kind in meta["metrics"]
+    for kind, metrics in meta["metrics"].items():  # what validation measured, for each posterior tried
+        for key in ("validation_unpatched", "validation_fitted_map"):
+            assert set(metrics[key]) == {"accuracy", "repeats_abc"}, (kind, key)

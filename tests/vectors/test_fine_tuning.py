@@ -1,0 +1,123 @@
+"""Fine-tuned function vectors (ffv_eval.vectors.fine_tuning): batched training of several relations
+on a tiny model equals training each alone; on the real Gemma 3 270M (through the `ffv train`
+job), the loss falls, a rerun is bit-identical, the random start is the ablation, and bad
+training input is refused."""
+
+import json
+
+import pytest
+import torch
+
+from ffv_eval import VECTORS_DIR
+from ffv_eval.data.relations import RelationDataError, WordPair, load_relation
+from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tiny import tiny_llama
+from ffv_eval.vectors.fine_tuning import DivergedTraining, TrainingSettings, train_function_vector, train_function_vectors
+from ffv_eval.vectors.jobs import train_and_save
+from ffv_eval.vectors.store import VectorFileError, load_vector
+from tests.conftest import CharTokenizer
+
+QUICK = TrainingSettings(steps=8, batch_size=4)
+
+
+def _relation(offset: int) -> list[WordPair]:
+    words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
+    return [WordPair(w, words[(i + offset) % len(words)]) for i, w in enumerate(words)]
+
+
+def test_batched_training_of_several_relations_equals_training_each_alone():
+    torch.manual_seed(0)
+    patcher = Patcher(tiny_llama())
+    tokenizer = CharTokenizer()
+    settings = TrainingSettings(steps=8, batch_size=3, seed=3)
+    initials = torch.randn(3, 32)
+    together = train_function_vectors(patcher, tokenizer, [_relation(k) for k in (1, 2, 3)], 1, initials, settings)
+    for k, result in zip((1, 2, 3), together):
+        alone = train_function_vector(patcher, tokenizer, _relation(k), 1, initials[k - 1], settings)
+        assert torch.allclose(result.vector, alone.vector, atol=1e-5), k
+        assert result.losses == pytest.approx(alone.losses, abs=1e-5)
+        assert not torch.allclose(result.vector, result.initial_vector)  # it trained
+
+
+# -- Gemma 3 270M -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_is_bit_identical_when_repeated(tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train_and_save("gemma-3-270m", "antonym", out=str(first), settings=QUICK)
+    train_and_save("gemma-3-270m", "antonym", out=str(second), settings=QUICK)
+    assert first.read_bytes() == second.read_bytes()
+    assert first.with_suffix(".json").read_text() == second.with_suffix(".json").read_text()
+    stored = load_vector(first)
+    meta = stored.metadata
+    fv = load_vector(VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors")
+    assert meta["kind"] == "ffv" and meta["init"] == "fv" and meta["layer"] == fv.metadata["layer"]
+    assert meta["metrics"]["last_loss"] < meta["metrics"]["first_loss"]
+    assert not torch.equal(stored.vector, fv.vector)
+    assert meta["data"]["n_test"] >= 50 and meta["settings"]["n_pairs"] == 20
+
+
+@pytest.mark.slow
+def test_random_init_is_the_ablation(tmp_path, gemma):
+    out = tmp_path / "r.safetensors"
+    # a batch of all 20 training pairs: the first step's loss does not depend on the sampling order
+    train_and_save("gemma-3-270m", "antonym", out=str(out), settings=TrainingSettings(steps=2, batch_size=20, init="random"))
+    meta = load_vector(out).metadata
+    assert meta["kind"] == "ffv-random" and meta["init"] == "random"
+    fv_norm = load_vector(VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors").vector.norm()
+    assert abs(load_vector(out).vector.norm() / fv_norm - 1) < 0.5
+    # the first loss, recomputed: the seeded random start (the FV's norm) added after block `layer` at
+    # each prompt's last token by a torch forward hook, cross-entropy of the answers' first tokens,
+    # plus the L2 term, its weight times (|v0| / |v0|)^2 = 1 at the start
+    model, tok = gemma
+    start = torch.randn(640, generator=torch.Generator().manual_seed(0))
+    start = start / start.norm() * fv_norm
+    pairs = load_relation("antonym").train[:20]
+    prompts = [f"Q: {p.input}\nA:" for p in pairs]
+    answers = [tok(f"{q} {p.output}").input_ids[len(tok(q).input_ids)] for q, p in zip(prompts, pairs)]
+    side, tok.padding_side = tok.padding_side, "right"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    tok.padding_side = side
+    last = batch.attention_mask.sum(1) - 1
+    rows = torch.arange(len(prompts))
+
+    def add(module, args, output):
+        output = output.clone()
+        output[rows, last] += start
+        return output
+
+    handle = model.model.layers[meta["layer"]].register_forward_hook(add)
+    try:
+        logits = model(**batch).logits[rows, last]
+    finally:
+        handle.remove()
+    expected = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(answers)).item() + meta["settings"]["l2"]
+    assert meta["metrics"]["first_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def _pairs_file(tmp_path, pairs):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"input": a, "output": b}) + "\n" for a, b in pairs))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_bad_training_input_is_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "v.safetensors"
+    test_pair = load_relation("antonym").test[0]
+    many = [(f"word{i}", f"drow{i}") for i in range(25)]
+    for pairs, message in (
+        (many[:5], "5 training pairs, need at least 20"),
+        (many + [("word3", "other")], "duplicate training inputs: word3"),
+        (many + [(test_pair.input, test_pair.output)], f"overlap the test split: {test_pair.input}"),
+    ):
+        with pytest.raises(RelationDataError, match=message):
+            train_and_save("gemma-3-270m", "antonym", out=str(out), settings=QUICK, pairs_file=_pairs_file(tmp_path, pairs))
+    with pytest.raises(DivergedTraining, match="diverged at step"):
+        train_and_save("gemma-3-270m", "antonym", out=str(out), settings=TrainingSettings(steps=5, learning_rate=1e30))
+    with pytest.raises(VectorFileError, match="no function vector to start from"):
+        train_and_save("gemma-3-270m", "antonym", out=str(out), start_from=str(tmp_path / "missing.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+    out.write_text("keep me")
+    with pytest.raises(VectorFileError, match="exists; pass --force"):
+        train_and_save("gemma-3-270m", "antonym", out=str(out), settings=QUICK)
+    assert out.read_text() == "keep me"

@@ -1,0 +1,86 @@
+"""Logits bounded to LOGIT_ROWS rows at a time (ffv_eval.vectors.scoring): answer scores, mediation,
+the basis posterior, training and the composite map's fit unembed at most that many rows per
+call and give the unbounded results."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffv_eval.models import tokens
+from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tiny import tiny_llama
+from ffv_eval.vectors import function_vectors as fv
+from ffv_eval.vectors import scoring
+from ffv_eval.vectors.basis import Basis
+from ffv_eval.vectors.composite import basis_logprobs
+from ffv_eval.vectors.composite_fit import Analogy, MapSettings, fit_composite_map
+from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
+from tests.conftest import PAIRS, CharTokenizer, same_values
+
+
+class RowCounter:
+    """Wraps an adapter's unembedding and records the rows of every call."""
+
+    def __init__(self, adapter):
+        self.inner, self.rows = adapter.unembed, []
+        adapter.unembed = self
+
+    def __call__(self, hidden):
+        self.rows.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
+        return self.inner(hidden)
+
+
+def _bounded_and_unbounded(monkeypatch, run, rows=3):
+    """run(patcher) with LOGIT_ROWS = rows (and the unembedding's row counts), then unbounded."""
+    patcher = Patcher(tiny_llama())
+    counter = RowCounter(patcher.adapter)
+    monkeypatch.setattr(scoring, "LOGIT_ROWS", rows)
+    bounded = run(patcher)
+    seen = list(counter.rows)
+    monkeypatch.setattr(scoring, "LOGIT_ROWS", 10**9)
+    return bounded, run(patcher), seen
+
+
+def test_answer_scores_unembed_at_most_logit_rows_and_equal_the_unchunked_scores(monkeypatch):
+    vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    bounded, full, rows = _bounded_and_unbounded(monkeypatch, lambda p: scoring.answer_scores(p, CharTokenizer(), PAIRS, 1, vectors))
+    assert max(rows) == 3 and sum(rows) == 3 * len(PAIRS)
+    assert same_values(bounded, full) and bounded[0].shape == (3, len(PAIRS))
+
+
+def test_mediation_batches_hold_at_most_logit_rows(monkeypatch):
+    prompts = tokens.PromptSet(input_ids=[random.Random(i).sample(range(1, 120), 9) for i in range(2)], answer_ids=[5, 17])
+    heads = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1))
+    bounded, full, rows = _bounded_and_unbounded(monkeypatch, lambda p: fv.indirect_effects(p, prompts, heads, head_batch=128))
+    assert max(rows) == 3 and bounded.abs().max() > 1e-4 and same_values(bounded, full)
+
+
+def test_basis_posterior_unembeds_at_most_logit_rows(monkeypatch):
+    basis = Basis([f"r{i}" for i in range(7)], torch.randn(7, 32, generator=torch.Generator().manual_seed(2)), 1, "x", Path("."))
+    stems = [("ab", "ba"), ("cd", "dc")]
+    bounded, full, rows = _bounded_and_unbounded(monkeypatch, lambda p: basis_logprobs(p, CharTokenizer(), basis, stems))
+    assert max(rows) == 3 and bounded.shape == (2, 7) and same_values(bounded, full)
+
+
+def test_training_with_bounded_logits_equals_unbounded_training(monkeypatch):
+    initials = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    settings = TrainingSettings(n_pairs=5, steps=4, batch_size=4)
+    bounded, full, rows = _bounded_and_unbounded(
+        monkeypatch, lambda p: train_function_vectors(p, CharTokenizer(), [PAIRS[:5], PAIRS[2:]], 1, initials, settings))
+    assert max(rows) == 3  # 8 rows per step, forward and recomputed in backward
+    for b, f in zip(bounded, full):
+        assert same_values(b.vector, f.vector) and b.losses == pytest.approx(f.losses, abs=1e-6)
+        assert not torch.equal(b.vector, b.initial_vector)
+
+
+def test_composite_map_fit_with_bounded_logits_equals_unbounded(monkeypatch):
+    basis = Basis(["a", "b", "c"], torch.randn(3, 32, generator=torch.Generator().manual_seed(4)), 1, "x", Path("."))
+    analogies = [Analogy(p.input, p.output, q.input, q.output, "a") for p, q in zip(PAIRS, PAIRS[1:])]
+
+    def fit(patcher):
+        return fit_composite_map(patcher, CharTokenizer(), basis, analogies, MapSettings(steps=3, batch_size=5)).weight
+
+    bounded, full, rows = _bounded_and_unbounded(monkeypatch, fit)
+    assert max(rows) == 3 and same_values(bounded, full) and not torch.equal(bounded, torch.eye(3))
