@@ -439,7 +439,7 @@ def speed_mediation(args, run: SpeedRun, report: Report) -> None:
     rng = random.Random(SEED)
     clean = tokens.encode_prompts(tokenizer, *fv.icl_prompts(run.relation.train, 8, 10, rng, False))
     corrupted = tokens.encode_prompts(tokenizer, *fv.icl_prompts(run.relation.train, args.prompts, 10, rng, True))
-    tokens = sum(map(len, corrupted.input_ids)) / len(corrupted.input_ids)
+    mean_tokens = sum(map(len, corrupted.input_ids)) / len(corrupted.input_ids)
     reset_peak(device)
     run.mean_heads = mean_heads = fv.mean_head_outputs(patcher, clean, tokens.pad_id_of(tokenizer))
     one = tokens.PromptSet(corrupted.input_ids[:1], corrupted.answer_ids[:1])
@@ -453,12 +453,12 @@ def speed_mediation(args, run: SpeedRun, report: Report) -> None:
     loop_total = per_forward * (len(all_heads) + 1) * len(corrupted.input_ids)
     rows = [layer * a.n_heads + head for layer, head in subset]
     diff = _max_abs(effects[0].flatten()[rows], loop[0].flatten()[rows])
-    m = {"heads": len(all_heads), "prompts": len(corrupted.input_ids), "tokens_per_prompt": tokens, "scan_s": scan_s,
+    m = {"heads": len(all_heads), "prompts": len(corrupted.input_ids), "tokens_per_prompt": mean_tokens, "scan_s": scan_s,
          "loop_heads_timed": len(subset), "loop_timed_s": loop_s, "loop_s_per_forward": per_forward,
          "loop_extrapolated_s": loop_total, "speedup": loop_total / scan_s, "max_abs_diff_subset": diff,
          "max_abs_effect": float(effects.abs().max()), "peak_mib": peak_mib(device)}
     report.figures["speed"]["mediation"] = m
-    print(f"indirect effects, {len(all_heads)} heads x {len(corrupted.input_ids)} prompts of ~{tokens:.0f} tokens: cached scan "
+    print(f"indirect effects, {len(all_heads)} heads x {len(corrupted.input_ids)} prompts of ~{mean_tokens:.0f} tokens: cached scan "
           f"{scan_s:.1f} s; one forward per head {per_forward * 1000:.0f} ms/forward ({len(subset)} heads x 1 prompt timed) "
           f"-> {loop_total:.0f} s extrapolated; speed-up {loop_total / scan_s:.0f}x; max|diff| on the subset {diff:.1e} "
           f"(largest effect {m['max_abs_effect']:.1e}); {peak_label(device)} {m['peak_mib']:.0f} MiB", flush=True)
