@@ -213,8 +213,10 @@ def test_generation_with_a_vector_starts_with_the_patched_prediction(family):
 def test_cached_indirect_effects_equal_the_straightforward_loop(family, dtype):
     """The key/value-cached, head-batched scan against one plain forward per head.
     bfloat16: the two paths round differently (cached keys and values, batched kernels), and an
-    effect is a difference of probabilities computed from bfloat16 logits; 2^-6 of the largest
-    effect bounds what rounding moves."""
+    effect is a difference of probabilities computed from bfloat16 logits. 2^-4 of the largest
+    effect bounds what rounding moves: on this project's CI CPU (no native bfloat16) the 14
+    families measured 0.0 to 0.046 of it (phi3 highest; 2^-6 held on an earlier machine only),
+    while patching a wrong head moves effects by their own size."""
     model = tiny(family, dtype)
     patcher = Patcher(model)
     a = patcher.adapter
@@ -224,7 +226,7 @@ def test_cached_indirect_effects_equal_the_straightforward_loop(family, dtype):
     slow = fv.indirect_effects_reference(patcher, prompts, mean_heads)
     largest = float(slow.abs().max())
     assert largest > 1e-3, f"{family}: heads barely matter ({largest:.2e}), the comparison would be empty"
-    tol = 1e-5 if dtype == torch.float32 else 2.0**-6 * largest
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-4 * largest
     assert (fast - slow).abs().max() < tol
 
 
