@@ -70,8 +70,9 @@ def main() -> None:
     lm.set_vector(None)
     plain_s, plain = run()
     print(f"{args.task}, limit {args.limit or 'none'}, batch size {args.batch_size}:")
-    print(f"unpatched (vector=none): {plain_s:7.2f} s   acc {plain.get('acc,none', float('nan')):.3f}   acc_d {plain.get('acc_d,none', float('nan')):.3f}")
-    print(f"vector=cfv:              {cfv_s:7.2f} s   acc {cfv.get('acc,none', float('nan')):.3f}   acc_d {cfv.get('acc_d,none', float('nan')):.3f}   {cfv_mem}")
+    nan = float("nan")
+    print(f"unpatched (vector=none): {plain_s:7.2f} s   acc {plain.get('acc,none', nan):.3f}   acc_d {plain.get('acc_d,none', nan):.3f}")
+    print(f"vector=cfv:              {cfv_s:7.2f} s   acc {cfv.get('acc,none', nan):.3f}   acc_d {cfv.get('acc_d,none', nan):.3f}   {cfv_mem}")
     print(f"ratio cfv / unpatched: {cfv_s / plain_s:.2f} (target <= 2.0)")
 
 

@@ -13,14 +13,13 @@ import random
 import time
 
 import torch
+from peak_memory import peak_text, reset_peak
 
-from ffv_eval.vectors import function_vectors as fv
-
+from ffv_eval.data.relations import load_relation
 from ffv_eval.models import tokens
 from ffv_eval.models.loading import input_device, load_model_and_tokenizer
 from ffv_eval.models.patching import Patcher
-from ffv_eval.data.relations import load_relation
-from peak_memory import peak_text, reset_peak
+from ffv_eval.vectors import function_vectors as fv
 
 
 def main() -> None:

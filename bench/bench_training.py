@@ -12,14 +12,14 @@ import os
 import time
 
 import torch
+from peak_memory import peak_text, reset_peak
 
-from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
+from ffv_eval.data.relations import load_relation, project_relations
 from ffv_eval.models.loading import input_device, load_model_and_tokenizer
 from ffv_eval.models.patching import Patcher
-from ffv_eval.data.relations import load_relation, project_relations
+from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector, train_function_vectors
 from ffv_eval.vectors.library import shipped_path
 from ffv_eval.vectors.store import load_vector
-from peak_memory import peak_text, reset_peak
 
 
 def main() -> None:

@@ -48,7 +48,6 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import torch  # noqa: E402
-
 from peak_memory import peak_label, peak_mib, reset_peak  # noqa: E402
 
 SEED = 0
@@ -198,11 +197,11 @@ class CheckData:
 
 
 def check_data(tokenizer) -> CheckData:
-    from ffv_eval.vectors import function_vectors as fv
-    from ffv_eval.models import tokens
-    from ffv_eval.vectors.composite_fit import one_shot_prompt
     from ffv_eval.data.prompts import query_text
     from ffv_eval.data.relations import load_project_relation
+    from ffv_eval.models import tokens
+    from ffv_eval.vectors import function_vectors as fv
+    from ffv_eval.vectors.composite_fit import one_shot_prompt
 
     relation = load_project_relation(RELATION)
     rng = random.Random(SEED)
@@ -270,14 +269,14 @@ def lm_eval_outputs(model, tokenizer, vector_path: str, scale: float, data: Chec
 
 
 def check_family(family: str, device: torch.device, tokenizer, data: CheckData, report: Report, workdir: Path) -> None:
-    from ffv_eval.vectors import function_vectors as fv
     from ffv_eval.models import tokens
-    from ffv_eval.vectors.basis import Basis
-    from ffv_eval.vectors.composite import CompositeMap, relation_posterior
-    from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector
     from ffv_eval.models.loading import model_fingerprint
     from ffv_eval.models.patching import Patcher
     from ffv_eval.models.tiny import build_tiny_model
+    from ffv_eval.vectors import function_vectors as fv
+    from ffv_eval.vectors.basis import Basis
+    from ffv_eval.vectors.composite import CompositeMap, relation_posterior
+    from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vector
     from ffv_eval.vectors.store import save_vector
 
     T = TOLERANCES
@@ -413,8 +412,8 @@ class SpeedRun:
 
 
 def speed_model(args, device: torch.device, tokenizer, report: Report, workdir: Path) -> SpeedRun:
-    from ffv_eval.models.patching import Patcher
     from ffv_eval.data.relations import load_project_relation
+    from ffv_eval.models.patching import Patcher
 
     reset_peak(device)
     config = llama3_8b_config(args.small)
@@ -432,8 +431,8 @@ def speed_model(args, device: torch.device, tokenizer, report: Report, workdir: 
 def speed_mediation(args, run: SpeedRun, report: Report) -> None:
     """The cached indirect-effect scan of every head on args.prompts 10-shot prompts, against the
     one-forward-per-head loop on args.loop_heads heads of one prompt, extrapolated."""
-    from ffv_eval.vectors import function_vectors as fv
     from ffv_eval.models import tokens
+    from ffv_eval.vectors import function_vectors as fv
 
     device, patcher, tokenizer, a = run.device, run.patcher, run.tokenizer, run.patcher.adapter
     rng = random.Random(SEED)
@@ -497,10 +496,10 @@ def speed_scoring(args, run: SpeedRun, report: Report) -> None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from ffv_eval.vectors.composite_fit import one_shot_prompt
-    from ffv_eval.vectors.fine_tuning import random_like
     from ffv_eval.harness.model import FFVPatchedLM
     from ffv_eval.models.loading import model_fingerprint
+    from ffv_eval.vectors.composite_fit import one_shot_prompt
+    from ffv_eval.vectors.fine_tuning import random_like
     from ffv_eval.vectors.store import save_vector
 
     device, model, tokenizer, a = run.device, run.model, run.tokenizer, run.patcher.adapter
@@ -518,7 +517,7 @@ def speed_scoring(args, run: SpeedRun, report: Report) -> None:
         best, lls = None, None
         for _ in range(args.repeats):
             instances = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
-            out, seconds = timed(device, lambda: lm.loglikelihood(instances, disable_tqdm=True))
+            out, seconds = timed(device, lambda instances=instances: lm.loglikelihood(instances, disable_tqdm=True))
             best, lls = (seconds if best is None else min(best, seconds)), [x for x, _ in out]
         return best, lls
 

@@ -27,10 +27,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ffv_eval.errors import FFVError
-from ffv_eval.files.json_lines import json_line_objects
 from ffv_eval.data.relations import data_dir_from_env, no_data_dir_message
 from ffv_eval.data.task_data import first_words
+from ffv_eval.errors import FFVError
+from ffv_eval.files.json_lines import json_line_objects
 
 QUESTION_SETS = ("sat", "u2", "u4", "bats", "google")
 QUESTION_SPLITS = ("valid", "test")

@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from scipy import stats
 
-from ffv_eval.files.atomic import atomic_write_text
 from ffv_eval.data.basis_sources import semeval_rated_subcategories
-from ffv_eval.vectors.scoring import answer_scores
-from ffv_eval.models.patching import Patcher
 from ffv_eval.data.relations import RelationDataError, WordPair, data_dir_from_env
+from ffv_eval.files.atomic import atomic_write_text
+from ffv_eval.models.patching import Patcher
 from ffv_eval.progress import no_progress, show_progress
 from ffv_eval.reports.paired import RESAMPLES, paired_correlation_difference, paired_gain_by_key, signed_interval
+from ffv_eval.vectors.scoring import answer_scores
 from ffv_eval.vectors.store import StoredVector
 
 RELSIM_FILE = Path("relsim") / "relsim_mean_ratings.csv"
@@ -179,7 +179,7 @@ def align(patcher: Patcher, tokenizer, vector_sets: dict[str, Sequence[StoredVec
     if max_comparisons and len(comparisons) > max_comparisons:
         comparisons = rng.sample(comparisons, max_comparisons)
     subcategories = []
-    for ident, name, rated, _ in semeval_rated_subcategories(root):
+    for _ident, name, rated, _ in semeval_rated_subcategories(root):
         chosen = sorted(rated, key=lambda r: (-r[0], r[1].input))
         if len(chosen) > max_pairs_per_subcategory:  # the most and the least prototypical, evenly spread
             step = (len(chosen) - 1) / (max_pairs_per_subcategory - 1)
@@ -274,7 +274,7 @@ def align_shipped_vectors(model_alias: str, kinds: Sequence[str] = ("fv", "ffv")
         raise RelationDataError("ffv align needs a data directory (--data-dir or FFV_DATA_DIR) with relsim/ and semeval2012/")
     model, tokenizer = load_model_and_tokenizer(model_alias, placement=placement)
     fingerprint = model_fingerprint(model)
-    for kind, vectors in vector_sets.items():
+    for vectors in vector_sets.values():
         for v in vectors:
             if v.metadata["model_fingerprint"] != fingerprint:
                 raise RelationDataError(f"{v.path}: made for model fingerprint {v.metadata['model_fingerprint']}, the model is {fingerprint}")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ffv_eval.evaluation.leaderboard_runs import DEFAULT_RUN_CONDITIONS, run_missing
 from ffv_eval.reports.leaderboard_render import write_leaderboard
 from ffv_eval.reports.leaderboard_results import Leaderboard, LeaderboardError, build_leaderboard
-from ffv_eval.evaluation.leaderboard_runs import DEFAULT_RUN_CONDITIONS, run_missing
 from ffv_eval.reports.leaderboard_sections import alignment_section, vector_quality_section
 
 

@@ -19,9 +19,19 @@ from pathlib import Path
 from ffv_eval import TASKS_DIR
 from ffv_eval.data.relations import data_dir_from_env
 from ffv_eval.files.hashes import vector_sha256
-from ffv_eval.reports.leaderboard_results import (SHOT_CONDITION, Entry, LeaderboardError, condition_name, condition_spec,
-                                                  data_source, display_path, newest_entries, read_entries, version_text,
-                                                  visible_results_files)
+from ffv_eval.reports.leaderboard_results import (
+    SHOT_CONDITION,
+    Entry,
+    LeaderboardError,
+    condition_name,
+    condition_spec,
+    data_source,
+    display_path,
+    newest_entries,
+    read_entries,
+    version_text,
+    visible_results_files,
+)
 from ffv_eval.vectors.library import KINDS, shipped_path
 from ffv_eval.vectors.spec import VectorSpec, VectorTaskMismatch
 

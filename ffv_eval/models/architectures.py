@@ -219,8 +219,8 @@ class ArchitectureAdapter:
         """Paths and sizes agree with the model, before any model work (no forward pass)."""
         f = self.family
         where = f"{type(self.model).__name__} (model_type '{getattr(self.model.config, 'model_type', None)}')"
-        fix = (f"; if this class of the family keeps its modules elsewhere, give it its own entry in FAMILIES "
-               f"in ffv_eval/models/architectures.py")
+        fix = ("; if this class of the family keeps its modules elsewhere, give it its own entry in FAMILIES "
+               "in ffv_eval/models/architectures.py")
         for key in (f.n_layers_key, f.n_heads_key, f.hidden_key):
             if not isinstance(getattr(self.config, key, None), int):
                 raise UnsupportedArchitecture(f"{where}: config has no integer '{key}', which the {f.name} adapter reads{fix}")

@@ -155,7 +155,7 @@ class Placement:
     device_map: str | None = None
     valid: bool = field(default=False, init=False, compare=False, repr=False)  # by checked(): validated, device resolved
 
-    def checked(self) -> "Placement":
+    def checked(self) -> Placement:
         """The same placement with the device resolved, after validating every field (no model
         is touched): a device that is not there, an unknown dtype or device map, both a device
         and a device map. A placement checked() made is returned as it is."""

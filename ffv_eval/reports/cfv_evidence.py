@@ -34,8 +34,7 @@ import numpy as np
 
 from ffv_eval.errors import FFVError, SettingError
 from ffv_eval.files.atomic import atomic_write_text, check_writable
-from ffv_eval.reports.leaderboard_results import (Entry, condition_sort_key, condition_spec, display_path, newest_entries,
-                                                  read_entries, sample_lines)
+from ffv_eval.reports.leaderboard_results import Entry, condition_sort_key, condition_spec, display_path, newest_entries, read_entries, sample_lines
 from ffv_eval.reports.paired import Outcome, match_outcomes
 
 MARKER = "⟨+CFV⟩"
