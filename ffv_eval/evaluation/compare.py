@@ -212,7 +212,7 @@ def comparison_figure(report: dict):
         x = [g + (i - (len(conditions) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(x, heights[condition], width, yerr=errors[condition], capsize=2, label=condition.replace("_", "-"),
                error_kw={"elinewidth": 1, "ecolor": "0.2"})
-    tilt = len(groups) > 8
+    tilt = len(groups) > 8 or max(map(len, groups)) * len(groups) > 70  # long names would run into each other
     ax.set_xticks(range(len(groups)), groups, rotation=35 if tilt else 0, ha="right" if tilt else "center")
     ax.axvline(len(groups) - 1.5, color="0.6", linestyle=":", linewidth=1)  # the relations | their mean
     ax.set_ylim(0, 1.05)
