@@ -36,8 +36,8 @@ def _given(**options) -> dict:
 
 
 def _extract(args) -> None:
-    from ffv_eval.vectors.jobs import extract_and_save
     from ffv_eval.vectors.function_vectors import ExtractionSettings
+    from ffv_eval.vectors.jobs import extract_and_save
 
     settings = ExtractionSettings(**_given(
         n_shots=args.shots, n_mean_prompts=args.mean_prompts, n_effect_prompts=args.effect_prompts,
@@ -104,7 +104,7 @@ def _basis_build(args) -> None:
                         MapSettings(**_given(steps=args.map_steps, stems_per_relation=args.stems_per_relation,
                                              targets_per_stem=args.targets_per_stem, posterior=args.posterior,
                                              map=args.map)),
-                        args.max_relations, placement=placement_of(args))
+                        args.max_relations, placement=placement_of(args), screen=not args.no_screen)
 
 
 def _compose(args) -> None:
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or auto (default: the one validation on held-out relations supports)")
     p.add_argument("--max-relations", type=int, help="use only the first N relations (for quick trials)")
     p.add_argument("--force", action="store_true", help="retrain every basis FFV")
+    p.add_argument("--no-screen", action="store_true",
+                   help="build without screening out the pairs of the analogy and relation test sets found (refused otherwise "
+                        "when no analogy test set is found)")
     add_placement_arguments(p)
     p.set_defaults(run=_basis_build)
 

@@ -23,8 +23,8 @@ lower-cased; counted in `dropped_excluded`); skip the relation if fewer than `mi
 keep the first `max_pairs`. The order is deterministic: the project's train order, the seeded
 shuffle of relations.seeded_shuffle for todd / bats / google, descending gold rating for semeval.
 
-`analogy_test_pairs(data_dir)` gives the word pairs of the analogy test sets present in the data
-directory, to pass as `exclude` so that no basis relation trains on a test item.
+`exclude` is what no basis relation may train on: a data.test_sets.TestScreen of the test sets
+found (what `ffv basis build` passes: normal forms, either order) or a set of lower-cased pairs.
 """
 
 from __future__ import annotations
@@ -32,19 +32,10 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
-from ffv_eval.data.analogies import (
-    COMPLETION_SUBDIR,
-    QUESTIONS_SUBDIR,
-    UCLA_VAT_FILE,
-    AnalogyDataError,
-    read_analogy_completion,
-    read_analogy_questions,
-    ranked_responses,
-    read_ucla_vat,
-)
 from ffv_eval.data.relations import (
     TODD_SUBDIR,
     RelationDataError,
@@ -342,7 +333,7 @@ def semeval_rated_subcategories(data_dir) -> list[tuple[str, str, list[tuple[flo
 
 
 def _semeval(data_dir, min_pairs, max_pairs, exclude):
-    for ident, name, rated, path in semeval_rated_subcategories(data_dir):
+    for _ident, name, rated, path in semeval_rated_subcategories(data_dir):
         ranked = sorted((r for r in rated if r[0] > 0), key=lambda r: (-r[0], r[1].input, r[1].output))
         pairs = [pair for _, pair in ranked]
         yield _finish(f"semeval/{name}", "semeval", pairs, str(path), min_pairs, max_pairs, exclude)
@@ -356,7 +347,7 @@ def basis_relations(
     sources=SOURCES,
     min_pairs: int = 12,
     max_pairs: int = 80,
-    exclude: frozenset[tuple[str, str]] = frozenset(),
+    exclude: Container[tuple[str, str]] = frozenset(),
 ) -> list[BasisRelation]:
     """The basis relations of `sources` (in that order), each with min_pairs..max_pairs pairs.
     data_dir None means $FFV_DATA_DIR; only the `project` source works without a data directory."""
@@ -370,7 +361,10 @@ def basis_relations(
         raise RelationDataError(f"need 1 <= min_pairs <= max_pairs, got min_pairs={min_pairs}, max_pairs={max_pairs}")
     root = data_dir_from_env(data_dir)
     root = Path(root) if root is not None else None
-    excluded = frozenset((a.strip().lower(), b.strip().lower()) for a, b in exclude)
+    # a set of pairs is compared lower-cased; a screen (data.test_sets.TestScreen) normalises itself
+    excluded = exclude
+    if isinstance(exclude, (set, frozenset, list, tuple)):
+        excluded = frozenset((a.strip().lower(), b.strip().lower()) for a, b in exclude)
     relations = [
         relation
         for source in sources
@@ -383,45 +377,3 @@ def basis_relations(
         raise RelationDataError(f"basis relation names must be unique: {'; '.join(origins)}; rename one of them (a "
                                 f"name is <source>/<file or category name>, lower case, '-' for other characters)")
     return relations
-
-
-# -- pairs of the analogy test sets ----------------------------------------------------------------
-def analogy_test_pairs(data_dir: str | os.PathLike | None) -> frozenset[tuple[str, str]]:
-    """Every lower-cased word pair of the analogy test sets present in the data directory, in
-    both orders: the stem (a, b) and every choice (c, d) of analogy_questions/*/test.jsonl,
-    (A, B), (C, D) and (C, D') of ucla_vat/UCLA_VAT.csv, (a, b) and (c, answer) for every answer
-    people gave in analogy_completion/*.jsonl (as ranked_responses reads them: no skips). Sets that are absent are skipped; a missing data
-    directory is an error."""
-    root = data_dir_from_env(data_dir)
-    if root is None:
-        raise RelationDataError("analogy test pairs: no data directory given; set FFV_DATA_DIR=<dir> or pass data_dir")
-    root = Path(root)
-    if not root.is_dir():
-        raise RelationDataError(f"analogy test pairs: the data directory {root} does not exist")
-    pairs: set[tuple[str, str]] = set()
-
-    def add(a: str, b: str) -> None:
-        # Both orders: a basis relation trained on (b, a) has seen the test pair too.
-        pairs.add((a.strip().lower(), b.strip().lower()))
-        pairs.add((b.strip().lower(), a.strip().lower()))
-
-    try:
-        for path in sorted((root / QUESTIONS_SUBDIR).glob("*/test.jsonl")):
-            for q in read_analogy_questions(path):
-                add(*q["stem"])
-                for choice in q["choice"]:
-                    add(*choice)
-        ucla = root / UCLA_VAT_FILE
-        if ucla.is_file():
-            for p in read_ucla_vat(ucla):
-                add(p["a"], p["b"])
-                add(p["c"], p["d"])
-                add(p["c"], p["d_prime"])
-        for path in sorted((root / COMPLETION_SUBDIR).glob("*.jsonl")):
-            for p in read_analogy_completion(path):
-                add(p["a"], p["b"])
-                for answer, _ in ranked_responses(p["responses"]):
-                    add(p["c"], answer)
-    except AnalogyDataError as err:
-        raise RelationDataError(str(err)) from err
-    return frozenset(pairs)

@@ -69,9 +69,19 @@ class Overlap:
     """How many test documents share at least one word pair with the training data of the
     vector(s) they get: the record `config.ffv_vector...overlap` of lm-eval's results."""
 
-    documents: int = 0
+    documents: int | None = 0  # None: the training pairs are unknown (unchecked says why)
     of: int = 0
     pairs: list[tuple[str, str]] = field(default_factory=list)
+    unchecked: str | None = None
+
+    @classmethod
+    def not_checked(cls, n_documents: int, reason: str) -> Overlap:
+        return cls(None, n_documents, [], reason)
+
+    @property
+    def found(self) -> bool:
+        """Some document overlaps, or nothing could be checked."""
+        return self.documents is None or self.documents > 0
 
     def count(self, screen: PairScreen, document_pairs: Iterable[tuple[str, str]]) -> None:
         """One test document with its word pairs, checked against `screen`."""
@@ -84,8 +94,18 @@ class Overlap:
                     self.pairs.append(pair)
 
     def to_json(self) -> dict:
-        return {"documents": self.documents, "of": self.of, "pairs": [list(p) for p in self.pairs]}
+        out = {"documents": self.documents, "of": self.of, "pairs": [list(p) for p in self.pairs]}
+        return out if self.unchecked is None else {**out, "unchecked": self.unchecked}
 
     @classmethod
     def from_json(cls, data: dict) -> Overlap:
-        return cls(int(data["documents"]), int(data["of"]), [tuple(p) for p in data.get("pairs", [])])
+        documents = data["documents"]
+        return cls(None if documents is None else int(documents), int(data["of"]), [tuple(p) for p in data.get("pairs", [])],
+                   data.get("unchecked"))
+
+    def summary(self) -> str:
+        """'3 of 228 documents (key:car, man:woman, ...)' or why nothing was checked."""
+        if self.documents is None:
+            return f"{self.of} documents not checked: {self.unchecked}"
+        shown = ", ".join(f"{a}:{b}" for a, b in self.pairs[:8]) + (", ..." if len(self.pairs) > 8 else "")
+        return f"{self.documents} of {self.of} documents" + (f" ({shown})" if self.pairs else "")

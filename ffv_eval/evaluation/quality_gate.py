@@ -17,9 +17,17 @@ from pathlib import Path
 
 from ffv_eval import PROJECT_ROOT
 from ffv_eval.data.relations import MIN_TEST, SPLIT_SEED, load_project_relation
-from ffv_eval.reports.quality_baseline import (BaselineError, Tolerances, baseline_to_update, check_same_model,
-                                               compare_with_baseline, default_baseline_path, load_baseline,
-                                               merged_baseline, write_baseline)
+from ffv_eval.reports.quality_baseline import (
+    BaselineError,
+    Tolerances,
+    baseline_to_update,
+    check_same_model,
+    compare_with_baseline,
+    default_baseline_path,
+    load_baseline,
+    merged_baseline,
+    write_baseline,
+)
 from ffv_eval.vectors.codec import encode_vector
 from ffv_eval.vectors.library import model_dirs, model_vectors
 
@@ -116,10 +124,26 @@ def measure_quality(model_alias: str, vector_paths: Sequence[str | Path], loaded
                 "vector": encode_vector(s.vector.float().tolist()),
             }
             progress(f"[ffv] {key}: accuracy {accuracy:.3f} (zero-shot {zero_shot[relation.name]:.3f}), "
-                     f"decoding hits {hits}/{DECODING_TOP_K}")
+                     f"decoding hits {hits}/{DECODING_TOP_K}; {test_overlap(s, relation)}")
     return {"model": model_alias, "model_fingerprint": fingerprint,
             "test_split": split_description(sources.pop() if len(sources) == 1 else "project"),
             "vectors": figures}
+
+
+def test_overlap(stored, relation) -> str:
+    """The test pairs the gate scores that share a word pair with the vector's training data
+    (data.overlap: normal forms, either order), shown beside its figures."""
+    from ffv_eval.data.overlap import Overlap, PairScreen
+    from ffv_eval.vectors.library import sidecar_training_pairs
+    from ffv_eval.vectors.store import sidecar_path
+
+    pairs = sidecar_training_pairs(stored.metadata, sidecar_path(stored.path))
+    if pairs is None:
+        return "test overlap not checked (no training pairs recorded)"
+    overlap, screen = Overlap(), PairScreen(pairs)
+    for p in relation.test:
+        overlap.count(screen, [(p.input, p.output)])
+    return f"test overlap {overlap.summary()}"
 
 
 # -- the command --------------------------------------------------------------------------

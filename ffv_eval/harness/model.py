@@ -34,6 +34,7 @@ differently patched runs never reuse each other's answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 from dataclasses import dataclass
@@ -43,21 +44,28 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from ffv_eval.errors import TokenizationError
 from ffv_eval import DEFAULT_MODEL
+from ffv_eval.data.overlap import Overlap, PairScreen
+from ffv_eval.data.test_sets import document_pairs
+from ffv_eval.errors import FFVError, SettingError, TokenizationError
 from ffv_eval.files.hashes import vector_sha256
 from ffv_eval.models.architectures import UnsupportedArchitecture
 from ffv_eval.models.loading import default_device, model_fingerprint, resolve_pretrained, text_config
 from ffv_eval.models.patching import Patcher, last_prompt_positions
-from ffv_eval.progress import show_progress
 from ffv_eval.models.tokens import without_right_padding
-from ffv_eval.vectors.library import vector_pattern
+from ffv_eval.progress import show_progress
+from ffv_eval.vectors.library import basis_training_pairs, sidecar_training_pairs, vector_pattern
 from ffv_eval.vectors.record import VectorRecord
 from ffv_eval.vectors.spec import AUTO, VectorSpec, VectorTaskMismatch
-from ffv_eval.vectors.store import StoredVector, check_compatible, find_vectors
+from ffv_eval.vectors.store import StoredVector, check_compatible, find_vectors, sidecar_path
 
 CONFIG_ARGS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "token")  # how HFLM finds the config
 HFLM_PAD_ID = 0  # HFLM pads its log-likelihood rows on the right with token 0
+OVERLAP_MODES = ("warn", "error")  # overlap=: record and warn (the default), or refuse the run
+
+
+class OverlapError(FFVError, ValueError):
+    """overlap=error: test documents share word pairs with the training data of their vector."""
 
 
 @dataclass
@@ -78,8 +86,12 @@ class RowPlan:
 
 @register_model("ffv-patched")
 class FFVPatchedLM(HFLM):
-    def __init__(self, pretrained=DEFAULT_MODEL, vector=AUTO, layer=None, scale=1.0, basis=None, **kwargs):
+    def __init__(self, pretrained=DEFAULT_MODEL, vector=AUTO, layer=None, scale=1.0, basis=None, overlap="warn", **kwargs):
         # Everything about the vector is checked before the weights are loaded.
+        if overlap not in OVERLAP_MODES:
+            raise SettingError(f"overlap={overlap}: expected {' or '.join(OVERLAP_MODES)} (warn records and reports test documents "
+                               f"that share word pairs with the vector's training data; error refuses the run)")
+        self.overlap_mode = overlap
         spec = VectorSpec.parse(vector)
         candidates = find_vectors(spec) if spec.names_vectors else []
         if candidates:
@@ -109,6 +121,8 @@ class FFVPatchedLM(HFLM):
         self.per_task_vectors: dict[str, VectorRecord] = {}
         self.patch_scale = float(scale)
         self.basis_dir = basis
+        self.overlaps: dict[str, Overlap] = {}  # a fixed vector or cfv: per task, its documents' overlap
+        self._screens: dict[str, PairScreen | None] = {}  # per vector file or basis directory: its training pairs
         self._task_map = None  # vector=auto: the model's composite map, loaded when a task needs it
         if spec.is_composite:
             self.set_composite(basis, scale)
@@ -183,6 +197,8 @@ class FFVPatchedLM(HFLM):
             record = VectorRecord.per_task_run(kind, self.per_task_vectors, where, self.patch_scale)
         else:
             record = self._vector_record()
+            if record is not None and self.overlaps:
+                record = _with_detail(record, "overlap", {task: o.to_json() for task, o in self.overlaps.items()})
         info["ffv_vector"] = None if record is None else record.to_json()
         return info
 
@@ -196,6 +212,58 @@ class FFVPatchedLM(HFLM):
             return VectorRecord.composite(cmap.basis.directory, vector_sha256(cmap.basis.directory), self.patch_layer,
                                           self.patch_scale, len(cmap.basis.names), cmap.posterior_kind, cmap.metadata)
         return None
+
+    # -- test documents against the vector's training pairs ----------------------------------
+    def _training_screen(self) -> tuple[PairScreen | None, str]:
+        """The training pairs of the vector in use (None: its files predate recorded pairs) and
+        its file or basis directory. For a CFV: every basis relation's pairs and the pairs the
+        map's training analogies came from."""
+        if self.stored_vector is not None:
+            where = str(self.stored_vector.path)
+            if where not in self._screens:
+                pairs = sidecar_training_pairs(self.stored_vector.metadata, sidecar_path(self.stored_vector.path))
+                self._screens[where] = None if pairs is None else PairScreen(pairs)
+        else:
+            where = str(self.composite.cmap.basis.directory)
+            if where not in self._screens:
+                found = basis_training_pairs(self.composite.cmap.basis.directory)
+                self._screens[where] = None if found is None else PairScreen(
+                    pair for by_relation in found.values() for pairs in by_relation.values() for pair in pairs)
+        return self._screens[where], where
+
+    def _task_overlap(self, task: str, requests) -> Overlap:
+        """The overlap of one task's documents (each once) with the training pairs of the vector in use."""
+        docs = list({r.doc_id: r.doc for r in requests}.values())
+        screen, where = self._training_screen()
+        if screen is None:
+            return Overlap.not_checked(len(docs), f"{where} records no training pairs (made before ffv-eval recorded them; "
+                                                  f"rebuild it to check it)")
+        overlap = Overlap()
+        for doc in docs:
+            overlap.count(screen, document_pairs(doc) if isinstance(doc, dict) else [])
+        return overlap
+
+    def _report_overlap(self, found: dict[str, Overlap]) -> None:
+        """One line per task with overlap; under overlap=error, a refusal naming the pairs (before any scoring)."""
+        bad = {task: o for task, o in found.items() if o.found}
+        for task, o in bad.items():
+            show_progress(f"[ffv] overlap: {task}: {o.summary()} share word pairs with the training data of its vector"
+                          if o.documents is not None else f"[ffv] overlap: {task}: {o.summary()}")
+        if bad and self.overlap_mode == "error":
+            raise OverlapError("overlap=error: " + "; ".join(f"{task}: {o.summary()}" for task, o in bad.items())
+                                  + ". Use vectors trained without these pairs (ffv basis build / ffv train screen test sets), "
+                                  "or overlap=warn to record it and run anyway")
+
+    def _check_fixed(self, requests) -> None:
+        """A fixed vector or cfv: every task of this call checked, recorded, reported."""
+        if self.stored_vector is None and self.composite is None:
+            return
+        groups: dict[str, list] = {}
+        for r in requests:
+            groups.setdefault(r.task_name, []).append(r)
+        found = {task: self._task_overlap(task, group) for task, group in groups.items()}
+        self.overlaps.update(found)
+        self._report_overlap(found)
 
     # -- lm-eval's response cache (--use_cache) ---------------------------------------------
     def set_cache_hook(self, cache_hook) -> None:
@@ -278,8 +346,9 @@ class FFVPatchedLM(HFLM):
         specs = {task: self.per_task.for_task(task, _have_source_pairs([requests[i] for i in indices]))
                  for task, indices in groups.items()}
         results: list = [None] * len(requests)
+        states, found = {}, {}
         try:
-            for task, indices in groups.items():
+            for task, indices in groups.items():  # every task's vector loaded and checked before any runs
                 if specs[task].is_composite:
                     if self._task_map is None:
                         self._task_map = CompositeVectors(self.patcher, self.tokenizer,
@@ -287,7 +356,12 @@ class FFVPatchedLM(HFLM):
                     self._use_composite(self._task_map)
                 else:
                     self._use_vector(specs[task], None, self.patch_scale)
-                self.per_task_vectors[task] = self._vector_record()
+                found[task] = self._task_overlap(task, [requests[i] for i in indices])
+                self.per_task_vectors[task] = _with_detail(self._vector_record(), "overlap", found[task].to_json())
+                states[task] = (self.stored_vector, self.patch_vector, self.patch_layer, self.composite)
+            self._report_overlap(found)
+            for task, indices in groups.items():
+                self.stored_vector, self.patch_vector, self.patch_layer, self.composite = states[task]
                 for i, result in zip(indices, run([requests[i] for i in indices])):
                     results[i] = result
         finally:
@@ -298,6 +372,7 @@ class FFVPatchedLM(HFLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         if self.per_task is not None:
             return self._per_task(requests, lambda group: self._loglikelihood_planned(group, disable_tqdm))
+        self._check_fixed(requests)
         return self._loglikelihood_planned(requests, disable_tqdm)
 
     def _loglikelihood_planned(self, requests, disable_tqdm: bool = False):
@@ -314,6 +389,7 @@ class FFVPatchedLM(HFLM):
         """HFLM's rolling windows; a fixed vector is added at each window's last context token."""
         if self.per_task is not None:
             return self._per_task(requests, lambda group: self._rolling_planned(group, disable_tqdm))
+        self._check_fixed(requests)
         return self._rolling_planned(requests, disable_tqdm)
 
     def _rolling_planned(self, requests, disable_tqdm: bool = False):
@@ -325,6 +401,7 @@ class FFVPatchedLM(HFLM):
     def generate_until(self, requests, disable_tqdm: bool = False):
         if self.per_task is not None:
             return self._per_task(requests, lambda group: self._generate_planned(group, disable_tqdm))
+        self._check_fixed(requests)
         return self._generate_planned(requests, disable_tqdm)
 
     def _generate_planned(self, requests, disable_tqdm: bool = False):
@@ -389,7 +466,7 @@ class FFVPatchedLM(HFLM):
                 position += self._answer_offset(request_str, context, continuation, answer)
             plan = RowPlan(vector, position, len(row), len(continuation))
             key = without_right_padding(row, HFLM_PAD_ID)
-            for rows, indices in rounds:
+            for rows, _indices in rounds:
                 if key not in rows or rows[key].identity == plan.identity:
                     break
             else:
@@ -458,6 +535,11 @@ class FFVPatchedLM(HFLM):
         return self.patcher.call_with_vector(lambda ids, **kwargs: generate(ids, max_length, stop, **kwargs), context,
                                              layer=self.patch_layer, vector=self.patch_vector,
                                              positions=last_prompt_positions(context), **generation_kwargs)
+
+
+def _with_detail(record: VectorRecord, key: str, value) -> VectorRecord:
+    """The record with one more entry (after its own) in the results' JSON."""
+    return dataclasses.replace(record, details={**record.details, key: value})
 
 
 def _have_source_pairs(requests) -> bool:

@@ -85,11 +85,12 @@ def vector_rows(board: Leaderboard) -> list[list]:
         kind = v.kind if v.task_kind in (None, v.kind) else f"{v.kind} ({v.task_kind})"
         composite = "cfv" in (v.kind, v.task_kind)
         rows.append([e.model, e.condition, e.task, kind, v.relation or (COMPOSITE_RELATION if composite else None), v.path,
-                     v.layer, v.patch_layer, v.scale, v.patch_scale])
+                     v.layer, v.patch_layer, v.scale, v.patch_scale, v.overlap_text()])
     return rows
 
 
-VECTOR_HEADER = ["model", "condition", "task", "kind", "relation", "path", "layer", "patch layer", "scale", "patch scale"]
+VECTOR_HEADER = ["model", "condition", "task", "kind", "relation", "path", "layer", "patch layer", "scale", "patch scale",
+                 "test documents sharing a word pair with the vector's training data"]
 RUN_HEADER = ["model", "condition", "task", "n-shot", "n", "limit", "lm-eval", "task version", "data", "results file"]
 
 

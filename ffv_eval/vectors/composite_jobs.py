@@ -10,8 +10,9 @@ from ffv_eval.errors import SettingError
 from ffv_eval import DEFAULT_MODEL
 from ffv_eval.files.atomic import check_writable
 from ffv_eval.vectors.basis import BasisSettings, build_basis
-from ffv_eval.vectors.library import basis_output_dir, composite_files
-from ffv_eval.data.basis_sources import analogy_test_pairs, basis_relations
+from ffv_eval.vectors.library import TRAINING_PAIRS_FILE, basis_output_dir, composite_files, write_basis_training_pairs
+from ffv_eval.data.basis_sources import basis_relations
+from ffv_eval.data.test_sets import test_screen
 from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
 from ffv_eval.vectors.composite import CompositeVectors, model_composite_map, save_composite_map
 from ffv_eval.files.lock import cache_lock
@@ -23,15 +24,25 @@ from ffv_eval.progress import show_progress
 
 def build_basis_and_map(model_name: str = DEFAULT_MODEL, data_dir=None, sources=None, out=None, force: bool = False,
                         basis_settings: BasisSettings = BasisSettings(), map_settings: MapSettings = MapSettings(),
-                        max_relations: int | None = None, progress=show_progress, placement: Placement = Placement()) -> Path:
+                        max_relations: int | None = None, progress=show_progress, placement: Placement = Placement(),
+                        screen: bool = True) -> Path:
     """Train the missing basis FFVs (project relations, plus every relation found in the data
-    directory), then fit and save the composite map. Returns the basis directory."""
+    directory), then fit and save the composite map. Returns the basis directory. Every pair of
+    an analogy or relation test set found (data.test_sets) is screened out first; with no
+    analogy test set to screen against the build is refused unless `screen` is False."""
     placement = placement.checked()
     data_dir = data_dir_from_env(data_dir)
     if sources is None:
         sources = ("project", "todd", "bats", "google", "semeval") if data_dir else ("project",)
-    exclude = analogy_test_pairs(data_dir) if data_dir else frozenset()
+    exclude = test_screen(data_dir) if screen else frozenset()
+    if screen and not exclude.has_analogy_sets:
+        raise SettingError(f"ffv basis build: no analogy test set to screen the basis against "
+                           f"({'none in ' + str(data_dir) if data_dir else 'no data directory'}); pass --data-dir (or set "
+                           f"FFV_DATA_DIR) to a directory with analogy_questions/*/test.jsonl, ucla_vat/ or analogy_completion/, "
+                           f"or --no-screen to build a basis that may contain test pairs")
     relations = basis_relations(data_dir, sources=tuple(sources), exclude=exclude)
+    for line in exclude.report("basis relations") if screen else ["[ffv] basis relations: not screened (--no-screen)"]:
+        progress(line)
     if max_relations:
         relations = relations[:max_relations]
     directory = Path(out) if out else basis_output_dir(model_name)
@@ -50,10 +61,21 @@ def build_basis_and_map(model_name: str = DEFAULT_MODEL, data_dir=None, sources=
                                        map_settings.targets_per_stem, map_settings.seed)
         cmap = fit_composite_map(patcher, tokenizer, basis, analogies, map_settings, progress)
         cmap.metadata["training_analogies"] = {"source": "two spare pairs (not trained on) of one basis relation",
-                                               "excluded_test_pairs": len(exclude), "count": len(analogies)}
+                                               "screened_test_sets": exclude.names if screen else [], "count": len(analogies)}
+        cmap.metadata["training_pairs"] = TRAINING_PAIRS_FILE
+        write_basis_training_pairs(directory, training_pair_record(relations, basis_settings.n_pairs))
         path = save_composite_map(cmap, model_name)
     progress(f"[ffv] composite map saved: {path}")
     return directory
+
+
+def training_pair_record(relations, n_training_pairs: int) -> dict:
+    """{use: {relation: pairs}} of a basis: each relation's pairs (its starting vector's prompts
+    drew on all of them, training on the first n_training_pairs), and the spare pairs the map's
+    training analogies came from (composite_fit.training_analogies)."""
+    return {"basis": {r.name: [(p.input, p.output) for p in r.pairs] for r in relations},
+            "map": {r.name: [(p.input, p.output) for p in r.pairs[n_training_pairs:]]
+                    for r in relations if len(r.pairs) - n_training_pairs >= 2}}
 
 
 def explain_pairs(pairs: list[str], model_name: str = DEFAULT_MODEL, basis_dir=None, top: int = 10, print_=print,

@@ -18,11 +18,12 @@ from ffv_eval.vectors.decoding import decode_vector, format_side_by_side
 from ffv_eval.vectors.fine_tuning import TrainingSettings, check_training_pairs, train_function_vector
 from ffv_eval.vectors.scoring import first_token_accuracy
 from ffv_eval.vectors.function_vectors import ExtractionSettings, extract_function_vector
-from ffv_eval.vectors.library import KINDS, output_path, shipped_path
+from ffv_eval.vectors.library import KINDS, TRAINING_PAIRS, output_path, shipped_path, sidecar_training_pairs
 from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint, text_config
 from ffv_eval.models.patching import Patcher
 from ffv_eval.vectors.heatmap import save_indirect_effect_heatmap
-from ffv_eval.data.relations import load_relation, project_relations, read_pairs
+from ffv_eval.data.relations import WordPair, load_relation, project_relations, read_pairs
+from ffv_eval.data.test_sets import test_screen
 from ffv_eval.progress import show_progress
 from ffv_eval.vectors.spec import VectorNameError, VectorSpec
 from ffv_eval.vectors.store import VectorFileError, check_compatible, load_vector, save_vector, sidecar_path
@@ -41,6 +42,22 @@ def data_reference(relation) -> dict:
             "n_train": len(relation.train), "n_validation": len(relation.validation), "n_test": len(relation.test)}
 
 
+def pair_list(pairs) -> list[list[str]]:
+    """Word pairs as a sidecar's TRAINING_PAIRS field: [[input, output], ...], each once, in order."""
+    return [list(p) for p in dict.fromkeys((p.input, p.output) for p in pairs)]
+
+
+def screened(relation, data_dir, progress):
+    """The relation with its train and validation splits screened against every test set found
+    (data.test_sets: analogy test sets of the data directory, relation test splits); the
+    removals are reported per test set."""
+    screen = test_screen(data_dir)
+    kept = dataclasses.replace(relation, train=tuple(screen.keep(relation.train)), validation=tuple(screen.keep(relation.validation)))
+    for line in screen.report(f"{relation.name} train and validation pairs"):
+        progress(line)
+    return kept
+
+
 def extract_and_save(
     model_name: str,
     relation_name: str,
@@ -52,7 +69,7 @@ def extract_and_save(
     placement: Placement = Placement(),
 ) -> Path:
     placement = placement.checked()  # device and dtype errors before any model work
-    relation = load_relation(relation_name, data_dir)  # data errors before any model work
+    relation = screened(load_relation(relation_name, data_dir), data_dir, progress)  # data errors before any model work
     path = Path(out) if out else output_path(model_name, "fv", relation_name)
     _refuse_existing(path, force)
 
@@ -79,6 +96,8 @@ def extract_and_save(
         "scale": result.scale,
         "heads": [{"layer": l, "head": h, "indirect_effect": round(e, 6)} for l, h, e in result.heads],
         "data": data_reference(relation),
+        # prompts drew on the train split, the layer and heads were chosen on the validation split
+        TRAINING_PAIRS: pair_list([*relation.train, *relation.validation]),
         "seed": settings.seed,
         "settings": dataclasses.asdict(settings),
         "metrics": {
@@ -113,8 +132,13 @@ def train_and_save(
     """Train an FFV from the relation's FV (`start_from`, default the shipped FV of the model)
     or from a random vector of the FV's norm (settings.init == "random")."""
     placement = placement.checked()  # device and dtype errors before any model work
-    relation = load_relation(relation_name, data_dir)
-    pairs = read_pairs(Path(pairs_file), keep_repeated_inputs=True) if pairs_file else list(relation.train)
+    relation = screened(load_relation(relation_name, data_dir), data_dir, progress)
+    pairs = list(relation.train)
+    if pairs_file:
+        screen = test_screen(data_dir)
+        pairs = screen.keep(read_pairs(Path(pairs_file), keep_repeated_inputs=True))
+        for line in screen.report(pairs_file):
+            progress(line)
     pairs = check_training_pairs(pairs, relation.test, settings.n_pairs, pairs_file or f"train split of {relation.path}")
     kind = "ffv" if settings.init == "fv" else "ffv-random"
     path = Path(out) if out else output_path(model_name, kind, relation_name)
@@ -123,6 +147,10 @@ def train_and_save(
     if not fv_path.exists():
         raise VectorFileError(f"{fv_path}: no function vector to start from; run: ffv extract --model {model_name} --relation {relation_name}")
     start = load_vector(fv_path)
+    start_pairs = sidecar_training_pairs(start.metadata, sidecar_path(fv_path)) if settings.init == "fv" else []
+    if start_pairs is None:
+        progress(f"[ffv] warning: {fv_path} records no training pairs (made before ffv-eval recorded them): the {kind} "
+                 f"records only its own, so its overlap with test data is checked without its starting vector's pairs")
     config = text_config(model_name)
     check_compatible(start, config.hidden_size, config.num_hidden_layers, None, None)
 
@@ -149,6 +177,8 @@ def train_and_save(
         "initial_vector": {"file": fv_path.name, "sha256": file_sha256(fv_path)},
         "data": {**data_reference(relation), "training_pairs": pairs_file or "train split",
                  "training_pairs_sha256": pairs_sha256(pairs)},
+        # its own training pairs, then those of the FV it started from
+        TRAINING_PAIRS: pair_list([*pairs, *(WordPair(a, b) for a, b in start_pairs or [])]),
         "seed": settings.seed,
         "settings": dataclasses.asdict(settings),
         "metrics": {

@@ -9,12 +9,20 @@ the shipped library in place. Under a root:
     <model>/<kind>/<relation>.safetensors   a vector (+ <relation>.json, its sidecar: vectors.store)
     <model>/basis/<source>/<relation>.safetensors   a basis FFV of the composite vectors
     <model>/basis/composite.safetensors + composite.json   the fitted composite map
+    <model>/basis/training_pairs.jsonl      every word pair the basis and its map were made from
     <model>/<file>                          other files of a model (the quality baseline)
 
 The composite map: composite.safetensors holds the tensors "weight" [R, R], "bias" [R] and,
 for the calibrated posterior, "relation_baseline" [R]; composite.json (COMPOSITE_FORMAT) the
 basis relation names, layer, posterior, temperature, model fingerprint, training data and
 metrics. Reading and writing its tensors is here too; what they mean is vectors.composite.
+
+Training pairs: a vector's sidecar lists the word pairs it was made from (field
+TRAINING_PAIRS: [[a, b], ...]); a basis keeps them in one JSON-lines file (TRAINING_PAIRS_FILE),
+one line per basis relation ({"relation": name, "use": "basis", "pairs": [...]}) and one per
+relation whose spare pairs made the map's training analogies ({"use": "map"}). Files made
+before pairs were recorded have none: the readers return None, and callers warn that such a
+vector cannot be checked for overlap with test data.
 
 Import-light (no torch at import): the reports and the quality gate's pure-Python side use it;
 the composite map's tensor functions import safetensors when they are called."""
@@ -28,7 +36,7 @@ from pathlib import Path
 from ffv_eval import VECTORS_DIR
 from ffv_eval.errors import FFVError
 from ffv_eval.files.atomic import atomic_write, atomic_write_text
-from ffv_eval.files.json_lines import json_document
+from ffv_eval.files.json_lines import json_document, json_line_objects
 
 KINDS = ("fv", "ffv", "ffv-random")  # the kinds of vector a model's library holds, one folder each
 BARE_NAME_KINDS = ("ffv", "fv")  # what a bare name (`antonym`) means, in order of preference
@@ -37,6 +45,9 @@ BASIS_DIR = "basis"  # <root>/<model>/basis/: a model's basis FFVs and fitted co
 COMPOSITE_FILE = "composite.safetensors"
 COMPOSITE_SIDECAR = "composite.json"
 COMPOSITE_FORMAT = "ffv-eval/composite/1"
+TRAINING_PAIRS = "training_pairs"  # sidecar field: [[a, b], ...], the pairs a vector was made from
+TRAINING_PAIRS_FILE = "training_pairs.jsonl"  # in a basis directory
+TRAINING_PAIR_USES = ("basis", "map")
 COMPOSITE_FIELDS = ("format", "model_fingerprint", "layer", "temperature", "basis")  # required in composite.json
 
 
@@ -219,4 +230,44 @@ def write_composite_map(directory: Path, meta: dict, tensors: dict) -> Path:
     path, side = composite_files(directory)
     atomic_write(path, lambda tmp: save_file({name: t.contiguous() for name, t in tensors.items()}, tmp))
     atomic_write_text(side, json.dumps({"format": COMPOSITE_FORMAT, **meta}, indent=2) + "\n")
+    return path
+
+
+# -- training pairs ----------------------------------------------------------------------------
+def _pair_list(value, where: str) -> list[tuple[str, str]]:
+    if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(w, str) for w in p)
+                                              for p in value):
+        raise BasisError(f"{where}: expected a list of word pairs [[a, b], ...]")
+    return [(a, b) for a, b in value]
+
+
+def sidecar_training_pairs(metadata: dict, where) -> list[tuple[str, str]] | None:
+    """The pairs a stored vector was made from (its sidecar's TRAINING_PAIRS), None if the file
+    predates that field."""
+    if TRAINING_PAIRS not in metadata:
+        return None
+    return _pair_list(metadata[TRAINING_PAIRS], f"{where}: field '{TRAINING_PAIRS}'")
+
+
+def basis_training_pairs(directory: Path) -> dict[str, dict[str, list[tuple[str, str]]]] | None:
+    """{use: {relation: pairs}} of a basis directory's TRAINING_PAIRS_FILE, None if it has none."""
+    path = Path(directory) / TRAINING_PAIRS_FILE
+    if not path.is_file():
+        return None
+    out: dict[str, dict[str, list[tuple[str, str]]]] = {use: {} for use in TRAINING_PAIR_USES}
+    for lineno, line in json_line_objects(path, BasisError):
+        where = f"{path}, line {lineno}"
+        if not isinstance(line, dict) or line.get("use") not in TRAINING_PAIR_USES or not isinstance(line.get("relation"), str):
+            raise BasisError(f"{where}: expected {{\"relation\": name, \"use\": one of {', '.join(TRAINING_PAIR_USES)}, "
+                             f"\"pairs\": [[a, b], ...]}}")
+        out[line["use"]][line["relation"]] = _pair_list(line.get("pairs"), f"{where}: field 'pairs'")
+    return out
+
+
+def write_basis_training_pairs(directory: Path, pairs: dict[str, dict[str, Sequence[tuple[str, str]]]]) -> Path:
+    """Write TRAINING_PAIRS_FILE of a basis directory atomically ({use: {relation: pairs}})."""
+    path = Path(directory) / TRAINING_PAIRS_FILE
+    lines = [json.dumps({"relation": name, "use": use, "pairs": [list(p) for p in rel_pairs]})
+             for use in TRAINING_PAIR_USES for name, rel_pairs in pairs.get(use, {}).items()]
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -53,6 +53,15 @@ class VectorInfo:
     patch_scale: float | None
     sha256: str | None = None  # of the vector file (or basis directory), where the run recorded it
     task_kind: str | None = None  # under a per-task spec (auto, <kind>:*): the kind this task got (ffv, cfv)
+    overlap: dict | None = None  # the task's documents against the vector's training pairs (data.overlap.Overlap); None: not recorded
+
+    def overlap_text(self) -> str:
+        """'3 of 228 documents', '0 of 228 documents', 'not checked: ...' or 'not recorded'."""
+        if not isinstance(self.overlap, dict):
+            return "not recorded"
+        if self.overlap.get("documents") is None:
+            return "not checked" + (f": {self.overlap['unchecked']}" if self.overlap.get("unchecked") else "")
+        return f"{self.overlap['documents']} of {self.overlap.get('of')} documents"
 
 
 @dataclass(frozen=True)
@@ -145,11 +154,13 @@ class VectorRecord:
         used = (self.per_task or {}).get(task)
         if used is None:
             sha256 = self.sha256
+            overlaps = self.details.get("overlap")
             return VectorInfo(kind=self.kind, relation=self.relation, path=self.path, layer=self.layer,
                               patch_layer=self.patch_layer, scale=self.scale, patch_scale=self.patch_scale,
-                              sha256=sha256 if isinstance(sha256, str) else None)
+                              sha256=sha256 if isinstance(sha256, str) else None,
+                              overlap=overlaps.get(task) if isinstance(overlaps, dict) else None)
         relation = used.relation if used.kind is not None else str(task).removeprefix("relation_")
         return VectorInfo(kind=self.kind, relation=relation, path=used.path, layer=used.layer, patch_layer=used.layer,
                           scale=self.scale, patch_scale=self.patch_scale,
                           sha256=used.sha256 if isinstance(used.sha256, str) else None,
-                          task_kind=used.kind if isinstance(used.kind, str) else None)
+                          task_kind=used.kind if isinstance(used.kind, str) else None, overlap=used.details.get("overlap"))
