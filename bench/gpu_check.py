@@ -59,7 +59,7 @@ SPEED_MODEL = "llama3-8b-shape"
 # bfloat16 keeps 8 mantissa bits (~3 significant digits), so every comparison of the bfloat16
 # model with the float32 reference is relative to the size of the reference figure, or about
 # ranks and argmaxes, never exact. The limits leave 2-6x room over the worst family that CPU
-# bfloat16 measured (bench/gpu_check.py --small, README "GPU check").
+# bfloat16 measured (bench/gpu_check.py --small, docs/gpu.md).
 TOLERANCES = {
     "mean_heads_rel": 0.05,  # |bf16 - fp32| / |fp32| of the [L, H, D] mean head outputs
     # Indirect effects of a random tiny model are gains of ~1e-4 in probabilities of ~1e-3, so a

@@ -54,7 +54,7 @@ def _train(args) -> None:
     from ffv_eval.vectors.jobs import train_and_save
 
     settings = TrainingSettings(**_given(n_pairs=args.pairs_count, steps=args.steps, batch_size=args.batch_size,
-                                         learning_rate=args.lr, l2=args.l2, init=args.init, seed=args.seed))
+                                         learning_rate=args.lr, l2=args.l2, init=args.init, seed=args.seed, loss=args.loss))
     for relation in args.relation:
         train_and_save(args.model, relation, args.out, args.start_from, args.data_dir, settings, args.pairs, args.force,
                        placement=placement_of(args))
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--relation", required=True, nargs="+")
     p.add_argument("--init", choices=["fv", "random"], help="start from the relation's FV, or random (the ablation)")
+    p.add_argument("--loss", choices=["answer", "first-token"],
+                   help="cross-entropy over every answer token, teacher-forced (default), or over its first token only")
     p.add_argument("--start-from", help="FV file to start from (default: the relation's FV in ./vectors/<model>/fv/, else the shipped one)")
     p.add_argument("--out", help="output .safetensors (default: ./vectors/<model>/ffv[-random]/<relation>.safetensors in the working directory)")
     p.add_argument("--pairs", help="training pairs (.jsonl of {input, output}; default: the relation's train split)")

@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("FFV_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
 
 
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess under test: offline, the project's autoload and version
+    check on, no PYTHONPATH, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FFV_EVAL_NO_AUTOLOAD", "FFV_EVAL_SKIP_VERSION_CHECK", "PYTHONPATH")}
+    env.update(OFFLINE)
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(params=["llama", "gemma3"])
 def tiny_model(request):
     return tiny_llama() if request.param == "llama" else tiny_gemma3()

@@ -4,7 +4,7 @@ error class (an ffv_eval.errors.FFVError), also for a file that is missing or un
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -39,3 +39,16 @@ def json_document(path: Path, error: type[Exception]):
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise error(f"{path}: line {err.lineno}: malformed JSON ({err.msg})") from err
+
+
+def json_object(path: Path, error: type[Exception], required: Sequence[str] = (), what: str = "") -> dict:
+    """A file holding one JSON object with the `required` fields; `error` names the file, and
+    `what` the kind of document expected ("not <what>: ..."), if it is not."""
+    document = json_document(path, error)
+    prefix = f"not {what}" if what else ""
+    if not isinstance(document, dict):
+        raise error(f"{path}: {prefix + ' (' if prefix else ''}expected a JSON object{')' if prefix else ''}")
+    for name in required:
+        if name not in document:
+            raise error(f"{path}: {prefix + ': ' if prefix else ''}field '{name}' is missing")
+    return document

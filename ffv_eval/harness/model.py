@@ -4,11 +4,15 @@ added to the residual stream at the last context token of every request, through
 model_args: pretrained= (an embedded alias such as gemma-3-270m, a hub id or a local path),
 vector= (default `auto`: each relation_<name> task with that relation's shipped FFV and each
 analogy question with its own composite vector; `none`: unpatched, equal to `--model hf`; a
-shipped name such as antonym / fv:antonym; a .safetensors file; `ffv:*` / `fv:*`: each
-relation_<name> task with that relation's own shipped vector; `cfv`: a composite vector built
-per question from its source pair A:B), basis= (for cfv and auto: the basis directory, default
-the model's own in ./vectors or the shipped library), layer= (default: the vector's own),
-scale= (default 1). The results record which vector each task got (config.ffv_vector).
+shipped name such as antonym / fv:antonym; a .safetensors file; `ffv:*` / `fv:*` /
+`ffv-random:*`: each relation_<name> task with that relation's own shipped vector; `cfv`: a
+composite vector built per question from its source pair A:B; parsed by vectors.spec),
+basis= (for cfv and auto: the basis directory, default the model's own in ./vectors or the
+shipped library), layer= (a fixed vector only; default: the vector's own), scale= (default 1),
+overlap= (`warn`, the default: every patched test document is checked against the word pairs
+its vector was made from, the result recorded and one line printed per task with overlap;
+`error`: such a run is refused before any scoring). The results record which vector each task
+got and that check (config.ffv_vector, a vectors.record.VectorRecord).
 Every HFLM argument works as in `--model hf` (device, dtype, parallelize, batch_size=auto,
 softmax_dtype, mixed_precision_dtype, logits_cache, revision, trust_remote_code, ...).
 
@@ -466,7 +470,7 @@ class FFVPatchedLM(HFLM):
                 position += self._answer_offset(request_str, context, continuation, answer)
             plan = RowPlan(vector, position, len(row), len(continuation))
             key = without_right_padding(row, HFLM_PAD_ID)
-            for rows, _indices in rounds:
+            for rows, indices in rounds:  # noqa: B007 (the matching round's indices are appended to below)
                 if key not in rows or rows[key].identity == plan.identity:
                     break
             else:

@@ -59,6 +59,23 @@ def encode_prompts(tokenizer, texts: Sequence[str], answers: Sequence[str]) -> P
     return PromptSet(input_ids, answer_ids)
 
 
+@dataclass(frozen=True)
+class AnswerSet:
+    context_ids: list[list[int]]
+    answer_ids: list[list[int]]  # every token of each prompt's answer, as lm-eval finds them (never empty)
+
+
+def encode_answers(tokenizer, texts: Sequence[str], answers: Sequence[str]) -> AnswerSet:
+    """Each prompt's ids and all its answer's tokens after it (see encode_continuation)."""
+    context_ids, answer_ids = [], []
+    for text, answer in zip(texts, answers, strict=True):
+        context, continuation = encode_continuation(tokenizer, text, answer_text(answer))
+        _first_answer_token(continuation, text, answer)  # an empty answer is an error
+        context_ids.append(context)
+        answer_ids.append(continuation)
+    return AnswerSet(context_ids, answer_ids)
+
+
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, S], attention mask, and each row's last real position [B], on
     `device` (the model's input device)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ffv_eval.errors import FFVError
-from ffv_eval.files.json_lines import json_document
+from ffv_eval.files.json_lines import json_object
 from ffv_eval.reports.paired import signed_interval
 
 
@@ -15,13 +15,7 @@ class SectionError(FFVError, ValueError):
 
 
 def _document(path: str, what: str, required: Sequence[str]) -> dict:
-    document = json_document(path, SectionError)
-    if not isinstance(document, dict):
-        raise SectionError(f"{path}: not {what} (expected a JSON object)")
-    for name in required:
-        if name not in document:
-            raise SectionError(f"{path}: not {what}: field '{name}' is missing")
-    return document
+    return json_object(path, SectionError, required, what)
 
 
 def alignment_section(paths: Sequence[str]) -> tuple[str, list[str], list[list]]:

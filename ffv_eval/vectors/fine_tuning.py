@@ -1,7 +1,13 @@
 """Fine-tuned function vectors (FFV): train only the vector, the model frozen, so that adding it
 after one decoder block at the last token of zero-shot `Q: x\\nA:` prompts makes the model
-predict each training pair's answer (cross-entropy on the answer's first token), with an L2
-penalty that keeps the vector near its starting norm. Batched, seeded and deterministic."""
+predict each training pair's answer, with an L2 penalty that keeps the vector near its starting
+norm. Batched, seeded and deterministic.
+
+The loss (TrainingSettings.loss): "answer" (the default, as the paper trains) is the mean
+cross-entropy over all the answer's tokens, teacher-forced after the prompt, the vector added
+where the answer begins (the prompt's last token); "first-token" is the cross-entropy of the
+answer's first token alone. The answer's tokens are found as lm-eval finds a continuation's
+(models.tokens.encode_continuation)."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ffv_eval.errors import FFVError, SettingError
-from ffv_eval.models.tokens import encode_prompts, pad_id_of, right_pad
+from ffv_eval.models.tokens import encode_answers, pad_id_of, right_pad
 from ffv_eval.vectors.scoring import answer_log_probs
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
@@ -36,6 +42,10 @@ class TrainingSettings:
     l2: float = 0.01  # weight of (|v| / |v0|)^2
     init: str = "fv"  # "fv" or "random" (a random direction with the FV's norm)
     seed: int = 0
+    loss: str = "answer"  # one of LOSSES: every answer token, or the first one only
+
+
+LOSSES = ("answer", "first-token")
 
 
 @dataclass
@@ -96,6 +106,8 @@ def train_function_vectors(
     relation is what training it alone would give (up to float rounding in batched kernels)."""
     if settings.init not in ("fv", "random"):
         raise SettingError(f"--init must be 'fv' or 'random', got {settings.init!r}")
+    if settings.loss not in LOSSES:
+        raise SettingError(f"--loss must be one of {', '.join(LOSSES)}, got {settings.loss!r}")
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     device = input_device(patcher.model)
@@ -109,19 +121,32 @@ def train_function_vectors(
     optimizer = torch.optim.Adam(
         [{"params": [v], "lr": settings.learning_rate * float(v0.norm() / math.sqrt(v0.numel()))} for v, v0 in zip(vectors, starts)]
     )
-    prompts = [encode_prompts(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs]) for pairs in pair_lists]
+    prompts = [encode_answers(tokenizer, [query_text(p.input) for p in pairs], [p.output for p in pairs]) for pairs in pair_lists]
+    # per pair: the answer tokens the loss covers (all of them, or the first)
+    targets = [[ids if settings.loss == "answer" else ids[:1] for ids in answers.answer_ids] for answers in prompts]
     samplers = [_Sampler(len(pairs), settings.seed) for pairs in pair_lists]
     losses: list[list[float]] = [[] for _ in range(n_relations)]
     with torch.enable_grad():
         for step in range(settings.steps):
             rows = [(r, i) for r in range(n_relations) for i in samplers[r].take(settings.batch_size)]
-            ids, mask, last = right_pad([prompts[r].input_ids[i] for r, i in rows], pad_id_of(tokenizer), device)
+            # teacher forcing: the prompt, then every answer token but the last; the vector goes at
+            # the prompt's last token, whose output predicts the answer's first token
+            contexts = [prompts[r].context_ids[i] for r, i in rows]
+            answers = [targets[r][i] for r, i in rows]
+            ids, mask, _ = right_pad([c + a[:-1] for c, a in zip(contexts, answers)], pad_id_of(tokenizer), device)
+            answer_start = torch.tensor([len(c) - 1 for c in contexts], dtype=torch.long, device=device)
             which = torch.tensor([r for r, _ in rows], dtype=torch.long, device=device)
-            hidden = patcher.final_hidden(ids, mask, layer=layer, vector=torch.stack(vectors)[which], positions=last)
-            last_hidden = hidden[torch.arange(len(rows), device=hidden.device), last.to(hidden.device)]
-            answers = torch.tensor([prompts[r].answer_ids[i] for r, i in rows], dtype=torch.long, device=device)
-            log_prob, _ = answer_log_probs(patcher.adapter, last_hidden, answers)  # float32
-            per_row = (-log_prob).to(device).view(n_relations, settings.batch_size)  # cross-entropy per row
+            hidden = patcher.final_hidden(ids, mask, layer=layer, vector=torch.stack(vectors)[which], positions=answer_start)
+            row_of = [j for j, a in enumerate(answers) for _ in a]
+            rows_t = torch.tensor(row_of, dtype=torch.long, device=hidden.device)
+            positions = torch.tensor([len(contexts[j]) - 1 + t for j, a in enumerate(answers) for t in range(len(a))],
+                                     dtype=torch.long, device=hidden.device)
+            tokens = torch.tensor([token for a in answers for token in a], dtype=torch.long, device=device)
+            log_prob, _ = answer_log_probs(patcher.adapter, hidden[rows_t, positions], tokens)  # float32
+            # cross-entropy per row: the mean over its answer tokens
+            lengths = torch.tensor([len(a) for a in answers], dtype=torch.float32, device=device)
+            per_token = torch.zeros(len(rows), dtype=torch.float32, device=device).index_add(0, rows_t.to(device), (-log_prob).to(device))
+            per_row = (per_token / lengths).view(n_relations, settings.batch_size)
             per_relation = per_row.mean(dim=1) + settings.l2 * torch.stack(
                 [(v.norm() / v0.norm()) ** 2 for v, v0 in zip(vectors, starts)])
             if not torch.isfinite(per_relation).all():

@@ -22,7 +22,7 @@ from ffv_eval.vectors.library import KINDS, TRAINING_PAIRS, output_path, shipped
 from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint, text_config
 from ffv_eval.models.patching import Patcher
 from ffv_eval.vectors.heatmap import save_indirect_effect_heatmap
-from ffv_eval.data.relations import WordPair, load_relation, project_relations, read_pairs
+from ffv_eval.data.relations import RelationDataError, WordPair, load_relation, project_relations, read_pairs
 from ffv_eval.data.test_sets import test_screen
 from ffv_eval.progress import show_progress
 from ffv_eval.vectors.spec import VectorNameError, VectorSpec
@@ -134,11 +134,15 @@ def train_and_save(
     placement = placement.checked()  # device and dtype errors before any model work
     relation = screened(load_relation(relation_name, data_dir), data_dir, progress)
     pairs = list(relation.train)
-    if pairs_file:
+    if pairs_file:  # pairs the user chose: one found in a test set is an error, not dropped
         screen = test_screen(data_dir)
-        pairs = screen.keep(read_pairs(Path(pairs_file), keep_repeated_inputs=True))
-        for line in screen.report(pairs_file):
-            progress(line)
+        pairs = read_pairs(Path(pairs_file), keep_repeated_inputs=True)
+        found = [(p, screen.sources_of((p.input, p.output))) for p in pairs]
+        found = [(p, sources) for p, sources in found if sources]
+        if found:
+            raise RelationDataError(f"{pairs_file}: training pairs overlap the test split: "
+                                    + ", ".join(f"{p.input}:{p.output} (in {', '.join(sources)})" for p, sources in found[:5])
+                                    + (f" and {len(found) - 5} more" if len(found) > 5 else "") + "; remove them from the file")
     pairs = check_training_pairs(pairs, relation.test, settings.n_pairs, pairs_file or f"train split of {relation.path}")
     kind = "ffv" if settings.init == "fv" else "ffv-random"
     path = Path(out) if out else output_path(model_name, kind, relation_name)

@@ -36,7 +36,7 @@ from pathlib import Path
 from ffv_eval import VECTORS_DIR
 from ffv_eval.errors import FFVError
 from ffv_eval.files.atomic import atomic_write, atomic_write_text
-from ffv_eval.files.json_lines import json_document, json_line_objects
+from ffv_eval.files.json_lines import json_line_objects, json_object
 
 KINDS = ("fv", "ffv", "ffv-random")  # the kinds of vector a model's library holds, one folder each
 BARE_NAME_KINDS = ("ffv", "fv")  # what a bare name (`antonym`) means, in order of preference
@@ -193,12 +193,7 @@ def read_composite_metadata(directory: Path, fingerprint: str | None = None) -> 
     path, side = composite_files(directory)
     if not path.exists() or not side.exists():
         raise BasisError(f"no composite map in {directory} ({COMPOSITE_FILE} + {COMPOSITE_SIDECAR}); run: ffv basis build")
-    meta = json_document(side, BasisError)
-    if not isinstance(meta, dict):
-        raise BasisError(f"{side}: expected a JSON object")
-    for name in COMPOSITE_FIELDS:
-        if name not in meta:
-            raise BasisError(f"{side}: field '{name}' is missing")
+    meta = json_object(side, BasisError, COMPOSITE_FIELDS)
     if meta["format"] != COMPOSITE_FORMAT:
         raise BasisError(f"{side}: field 'format' is {meta['format']!r}, expected {COMPOSITE_FORMAT!r}")
     if not meta["basis"]:

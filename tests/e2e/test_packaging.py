@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -29,21 +28,14 @@ import pytest
 
 import ffv_eval
 from ffv_eval.dependency_versions import DependencyVersionError
+from tests.conftest import offline_env
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MODEL = "gemma-3-270m"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FFV_EVAL_NO_AUTOLOAD", "FFV_EVAL_SKIP_VERSION_CHECK", "PYTHONPATH")}
-    env.update(OFFLINE)
-    env.update(extra)
-    return env
 
 
 def _run(args, cwd: Path, timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=offline_env(**env), capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

@@ -13,16 +13,9 @@ import time
 import pytest
 
 from ffv_eval.files.lock import CacheLockTimeout, cache_lock, owner_path
+from tests.conftest import offline_env
 
 MODEL = "gemma-3-270m"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FFV_EVAL_NO_AUTOLOAD", "FFV_EVAL_SKIP_VERSION_CHECK", "PYTHONPATH")}
-    env.update(OFFLINE)
-    env.update(extra)
-    return env
 
 
 def _last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -55,7 +48,7 @@ _CONVERT = """
 def test_two_processes_filling_a_fresh_model_cache_convert_once(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_CONVERT)], cwd=tmp_path, env=_env(FFV_CACHE_DIR=str(cache)),
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_CONVERT)], cwd=tmp_path, env=offline_env(FFV_CACHE_DIR=str(cache)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_stdout, stderr) in zip(procs, outputs):

@@ -10,6 +10,7 @@ import torch
 
 from ffv_eval import VECTORS_DIR
 from ffv_eval.data.relations import RelationDataError, WordPair, load_relation
+from ffv_eval.errors import SettingError
 from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tiny import tiny_llama
 from ffv_eval.vectors.fine_tuning import DivergedTraining, TrainingSettings, train_function_vector, train_function_vectors
@@ -60,7 +61,7 @@ def test_training_lowers_the_loss_and_is_bit_identical_when_repeated(tmp_path):
 def test_random_init_is_the_ablation(tmp_path, gemma):
     out = tmp_path / "r.safetensors"
     # a batch of all 20 training pairs: the first step's loss does not depend on the sampling order
-    train_and_save("gemma-3-270m", "antonym", out=str(out), settings=TrainingSettings(steps=2, batch_size=20, init="random"))
+    train_and_save("gemma-3-270m", "antonym", out=str(out), settings=TrainingSettings(steps=2, batch_size=20, init="random", loss="first-token"))
     meta = load_vector(out).metadata
     assert meta["kind"] == "ffv-random" and meta["init"] == "random"
     fv_norm = load_vector(VECTORS_DIR / "gemma-3-270m" / "fv" / "antonym.safetensors").vector.norm()
@@ -121,3 +122,51 @@ def test_bad_training_input_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(VectorFileError, match="exists; pass --force"):
         train_and_save("gemma-3-270m", "antonym", out=str(out), settings=QUICK)
     assert out.read_text() == "keep me"
+
+
+def _hooked_answer_loss(model, tokenizer, pairs, layer, vector, loss):
+    """Reference: one unpadded forward per pair with `vector` added after block `layer` at the
+    prompt's last token (a torch forward hook), the answer teacher-forced after the prompt; the
+    mean cross-entropy of its tokens (loss="answer") or of its first token; the mean over pairs."""
+    total = 0.0
+    for pair in pairs:
+        prompt = f"Q: {pair.input}\nA:"
+        context = tokenizer(prompt).input_ids
+        answer = tokenizer(f"{prompt} {pair.output}").input_ids[len(context):]
+        answer = answer if loss == "answer" else answer[:1]
+        ids = torch.tensor([context + answer[:-1]])
+
+        def add(module, args, output, at=len(context) - 1):
+            output = output.clone()
+            output[0, at] += vector
+            return output
+
+        handle = model.model.layers[layer].register_forward_hook(add)
+        try:
+            logits = model(input_ids=ids).logits[0].float()
+        finally:
+            handle.remove()
+        at = torch.arange(len(answer)) + len(context) - 1
+        total += torch.nn.functional.cross_entropy(logits[at], torch.tensor(answer)).item()
+    return total / len(pairs)
+
+
+@pytest.mark.parametrize("loss", ["answer", "first-token"])
+def test_the_first_step_loss_equals_a_hooked_forward_over_the_answer_tokens(loss):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    tokenizer = CharTokenizer()
+    pairs = [WordPair(a, b) for a, b in [("ab", "cde"), ("fg", "hij"), ("kl", "mnop"), ("qr", "st")]]
+    initial = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    settings = TrainingSettings(steps=1, batch_size=len(pairs), l2=0.0, loss=loss)  # one step over every pair
+    result = train_function_vector(Patcher(model), tokenizer, pairs, 1, initial, settings)
+    expected = _hooked_answer_loss(model, tokenizer, pairs, 1, initial, loss)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
+    if loss == "answer":  # the answers are several tokens long: the whole-answer loss is another number
+        assert result.losses[0] != pytest.approx(_hooked_answer_loss(model, tokenizer, pairs, 1, initial, "first-token"), rel=1e-3)
+
+
+def test_an_unknown_loss_is_refused():
+    with pytest.raises(SettingError, match="--loss must be one of answer, first-token"):
+        train_function_vector(Patcher(tiny_llama()), CharTokenizer(), _relation(1), 1, torch.randn(32),
+                              TrainingSettings(steps=1, loss="perplexity"))
