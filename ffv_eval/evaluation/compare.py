@@ -26,7 +26,8 @@ from ffv_eval.data.relations import HEADLINE_RELATIONS, load_project_relation, l
 from ffv_eval.errors import SettingError
 from ffv_eval.files.atomic import atomic_write, atomic_write_text, check_writable
 from ffv_eval.progress import show_progress
-from ffv_eval.vectors.store import KINDS, VectorNameError, shipped_path
+from ffv_eval.vectors.library import KINDS, shipped_path
+from ffv_eval.vectors.spec import VectorNameError
 
 DEFAULT_DIRECTORY = Path("ffv-compare")  # the outputs of a bare `ffv compare`: compare.json, .md, .png, .log
 # Loggers whose records go to the log file (and not to the terminal) while lm-eval runs; any

@@ -47,11 +47,9 @@ def pair_list(pairs) -> list[list[str]]:
     return [list(p) for p in dict.fromkeys((p.input, p.output) for p in pairs)]
 
 
-def screened(relation, data_dir, progress):
-    """The relation with its train and validation splits screened against every test set found
-    (data.test_sets: analogy test sets of the data directory, relation test splits); the
-    removals are reported per test set."""
-    screen = test_screen(data_dir)
+def screened(relation, screen, progress):
+    """The relation with its train and validation splits screened against `screen` (every test
+    set found: data.test_sets.test_screen); the removals are reported per test set."""
     kept = dataclasses.replace(relation, train=tuple(screen.keep(relation.train)), validation=tuple(screen.keep(relation.validation)))
     for line in screen.report(f"{relation.name} train and validation pairs"):
         progress(line)
@@ -69,7 +67,7 @@ def extract_and_save(
     placement: Placement = Placement(),
 ) -> Path:
     placement = placement.checked()  # device and dtype errors before any model work
-    relation = screened(load_relation(relation_name, data_dir), data_dir, progress)  # data errors before any model work
+    relation = screened(load_relation(relation_name, data_dir), test_screen(data_dir), progress)  # data errors before any model work
     path = Path(out) if out else output_path(model_name, "fv", relation_name)
     _refuse_existing(path, force)
 
@@ -132,10 +130,10 @@ def train_and_save(
     """Train an FFV from the relation's FV (`start_from`, default the shipped FV of the model)
     or from a random vector of the FV's norm (settings.init == "random")."""
     placement = placement.checked()  # device and dtype errors before any model work
-    relation = screened(load_relation(relation_name, data_dir), data_dir, progress)
+    screen = test_screen(data_dir)
+    relation = screened(load_relation(relation_name, data_dir), screen, progress)
     pairs = list(relation.train)
     if pairs_file:  # pairs the user chose: one found in a test set is an error, not dropped
-        screen = test_screen(data_dir)
         pairs = read_pairs(Path(pairs_file), keep_repeated_inputs=True)
         found = [(p, screen.sources_of((p.input, p.output))) for p in pairs]
         found = [(p, sources) for p, sources in found if sources]

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 from ffv_eval.errors import FFVError
 from ffv_eval.files.atomic import atomic_write, atomic_write_text
 from ffv_eval.files.json_lines import json_document
-# KINDS and shipped_path are the library's; evaluation/compare.py still imports them from here.
-from ffv_eval.vectors.library import KINDS, known_names, lookup_roots, named_vector_paths, shipped_path  # noqa: F401
+from ffv_eval.vectors.library import known_names, lookup_roots, named_vector_paths
 from ffv_eval.vectors.spec import VectorNameError, VectorSpec
 
 FORMAT = "ffv-eval/vector/1"
