@@ -7,6 +7,7 @@ import sys
 
 from ffv_eval import DEFAULT_MODEL
 from ffv_eval.errors import FFVError
+from ffv_eval.vectors.library import KINDS
 
 
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +104,8 @@ def _basis_build(args) -> None:
                         BasisSettings(**_given(steps=args.steps, relations_per_pass=args.relations_per_pass)),
                         MapSettings(**_given(steps=args.map_steps, stems_per_relation=args.stems_per_relation,
                                              targets_per_stem=args.targets_per_stem, posterior=args.posterior,
-                                             map=args.map)),
+                                             map=args.map, top_k=args.top_k and tuple(args.top_k),
+                                             scales=args.scales and tuple(args.scales))),
                         args.max_relations, placement=placement_of(args), screen=not args.no_screen)
 
 
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="score on Todd et al.'s files from this directory")
     p.add_argument("--output", help="write the comparison as JSON here (default: ./ffv-compare/compare.json; the other "
                                     "files default to this path's stem with .md, .png, .log)")
-    p.add_argument("--kinds", nargs="+", default=None, choices=["fv", "ffv", "ffv-random"],
+    p.add_argument("--kinds", nargs="+", default=None, choices=KINDS,
                    help="shipped vectors to patch in, one condition each (default: every kind shipped for all the relations)")
     p.add_argument("--markdown", help="write the table, with the command that regenerates it, as Markdown here "
                                       "(default: beside --output, else ./ffv-compare/compare.md)")
@@ -229,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", nargs="+", metavar="MODEL", dest="run_models", help="first run the missing lm-eval evaluations of these models")
     p.add_argument("--tasks", nargs="+", help="tasks for --run (groups of ffv-eval's tasks, e.g. relations, todd, expand to their tasks)")
     p.add_argument("--conditions", nargs="+",
-                   help="for --run: unpatched, <k>-shot, a vector kind (fv, ffv, ffv-random: each relation's own), "
+                   help="for --run: unpatched, <k>-shot, a vector kind (" + ", ".join(KINDS) + ": each relation's own), "
                         "cfv (a composite vector per question), auto (ffv-patched's vector=auto: relation tasks their FFV, "
                         "analogy questions their CFV), or <kind>:<relation> (one vector for all tasks)")
     p.add_argument("--limit", type=int, default=None,
@@ -247,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--baseline", help="baseline file (default: ./vectors/<model>/quality-baseline.json if it exists, else the shipped "
                                           "one; --update-baseline writes only the file given or that ./vectors one)")
-    p.add_argument("--kinds", nargs="+", choices=["fv", "ffv", "ffv-random"],
+    p.add_argument("--kinds", nargs="+", choices=KINDS,
                    help="shipped vector kinds checked when no files are given")
     p.add_argument("--update-baseline", action="store_true", help="measure and write the baseline instead of checking")
     p.add_argument("--max-accuracy-drop", type=float, help="absolute drop in test accuracy allowed")
@@ -276,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", choices=["auto", "fitted", "identity"],
                    help="weights from the posterior: the fitted affine map (the paper's), the posterior itself (identity), "
                         "or auto (default: the one validation on held-out relations supports)")
+    p.add_argument("--top-k", type=int, nargs="+", metavar="K",
+                   help="posterior sharpness tried with W = s I: keep each posterior's K most likely relations (0: all; default 0 1 3)")
+    p.add_argument("--scales", type=float, nargs="+", metavar="S", help="CFV scales s tried with W = s I (default 0.5 1 2)")
     p.add_argument("--max-relations", type=int, help="use only the first N relations (for quick trials)")
     p.add_argument("--force", action="store_true", help="retrain every basis FFV")
     p.add_argument("--no-screen", action="store_true",
@@ -311,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("align", help="agreement of FV / FFV relation representations with human similarity judgments")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--kinds", nargs="+", choices=["fv", "ffv", "ffv-random"], help="shipped vector kinds")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, help="shipped vector kinds")
     p.add_argument("--data-dir", help="directory with relsim/ and semeval2012/ (default: $FFV_DATA_DIR)")
     p.add_argument("--max-comparisons", type=int, help="seeded subset of the relsim comparisons (default: all)")
     p.add_argument("--max-subcategories", type=int, help="seeded subset of SemEval-2012 subcategories (default: all 79)")

@@ -8,6 +8,13 @@ wheel, so nothing is downloaded at run time). So grandsons:granddaughters matche
 grandson:granddaughter, keys:car matches key:car, New_York:USA matches new york:usa, and
 brother:sister matches sister:brother.
 
+A pair whose two words share a lemma (walk:walked, cat:cats, big:bigger) would lose itself under
+lemmas: walk:walked, walk:walking and walks:walked would all be walk:walk, one pair, and a
+present-past pair would match every verb-gerund test pair of the same verb. Such a pair is
+matched by its words' plain forms instead (lower-case, trimmed, separators alike): walk:walked
+matches walked:walk and WALK:Walked, not walk:walking. Its key is tagged apart from the lemma
+keys, so a match is never looser than the lemma rule would give.
+
 The lemmatiser errs towards matching: irregular comparatives share their base's lemma
 (better -> good), so good:better and good:best are one pair here. For a screen against test
 leakage that is the safe side: a pair is at worst removed from training without need."""
@@ -32,10 +39,20 @@ def normal_form(text: str) -> str:
     return " ".join(simplemma.lemmatize(w, lang="en").lower() for w in words)
 
 
-def pair_key(a: str, b: str) -> tuple[str, str]:
-    """The key under which a pair matches: both normal forms, in a fixed order (either order matches)."""
+@lru_cache(maxsize=200_000)
+def plain_form(text: str) -> str:
+    """`text` lower-cased and trimmed, `_`/`-`/spaces as one space (no lemmas)."""
+    return " ".join(_SEPARATORS.sub(" ", str(text).strip().lower()).split())
+
+
+def pair_key(a: str, b: str) -> tuple[str, str, str]:
+    """The key under which a pair matches, in a fixed order (either order matches): both normal
+    forms, or, when they are equal (the words share a lemma), both plain forms, tagged apart."""
     x, y = normal_form(a), normal_form(b)
-    return (x, y) if x <= y else (y, x)
+    tag = "lemmas"
+    if x == y:
+        x, y, tag = plain_form(a), plain_form(b), "plain"
+    return (tag, x, y) if x <= y else (tag, y, x)
 
 
 class PairScreen:

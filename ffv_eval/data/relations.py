@@ -1,6 +1,9 @@
 """Relation word pairs: the project's own files (tasks/relations/pairs/<name>.jsonl) or Todd et
 al.'s files from a data directory (<data_dir>/function_vectors/abstractive/<name>.json), split
-deterministically into train / validation / test (the one home of the split).
+deterministically into train / validation / test (the one home of the split). A train or
+validation pair that matches a test pair (data.overlap: in either order, as lemmas, e.g.
+big:large against large:big, or kings:queens against king:queen) is dropped from its split, so
+a relation's test pairs never reach its vectors nor its few-shot prompts.
 
 Which of the two is read is always said by the caller: `load_project_relation` (the
 relation_<name> tasks), `load_todd_relation` (the todd_<name> tasks), or `load_relation`, whose
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ffv_eval import TASKS_DIR
+from ffv_eval.data.overlap import PairScreen
 from ffv_eval.errors import FFVError
 from ffv_eval.files.hashes import file_sha256
 from ffv_eval.files.json_lines import json_document, json_line_objects
@@ -154,15 +158,17 @@ def _split_relation(name: str, path: Path, source: str) -> RelationData:
             f"{MIN_TRAIN + MIN_VALIDATION + MIN_TEST} for train/validation/test splits"
         )
     shuffled = seeded_shuffle(pairs)
-    return RelationData(
-        name=name,
-        source=source,
-        path=path,
-        sha256=file_sha256(path),
-        train=tuple(shuffled[:n_train]),
-        validation=tuple(shuffled[n_train : n_train + n_valid]),
-        test=tuple(shuffled[n_train + n_valid :]),
-    )
+    test = tuple(shuffled[n_train + n_valid :])
+    screen = PairScreen((p.input, p.output) for p in test)
+    train, validation = ([p for p in part if (p.input, p.output) not in screen]
+                         for part in (shuffled[:n_train], shuffled[n_train : n_train + n_valid]))
+    if len(train) < MIN_TRAIN:
+        raise RelationDataError(
+            f"{path}: {len(train)} training pairs once those matching a test pair (either order, as lemmas) are "
+            f"dropped; need at least {MIN_TRAIN}: add pairs, each unordered pair once"
+        )
+    return RelationData(name=name, source=source, path=path, sha256=file_sha256(path),
+                        train=tuple(train), validation=tuple(validation), test=test)
 
 
 def load_project_relation(name: str) -> RelationData:

@@ -41,10 +41,28 @@ def _score(lm, task_manager, task: str, num_fewshot: int, limit: int | None) -> 
 
     out = lm_eval.simple_evaluate(
         model=lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-        log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
     )
     metrics = out["results"][task]
-    return {"exact_match": metrics["exact_match,none"], "stderr": metrics["exact_match_stderr,none"]}
+    # each question's exact match in doc_id order, for the paired comparisons (paired_comparisons)
+    per_question = [float(s["exact_match"]) for s in sorted(out["samples"][task], key=lambda s: s["doc_id"])]
+    return {"exact_match": metrics["exact_match,none"], "stderr": metrics["exact_match_stderr,none"], "per_question": per_question}
+
+
+PAIRED_AGAINST = "ffv"  # the condition the others are compared with, question by question
+
+
+def paired_comparisons(report: dict) -> dict[str, dict]:
+    """{condition: PairedGain.as_dict()} of the FFV minus each other condition, over every test
+    question of every relation (the same questions in each run: pooled, paired)."""
+    from ffv_eval.reports.paired import paired_gain
+
+    rows = report["relations"].values()
+    if PAIRED_AGAINST not in report["conditions"]:
+        return {}
+    ours = [v for row in rows for v in row[PAIRED_AGAINST]["per_question"]]
+    return {c: paired_gain(ours, [v for row in rows for v in row[c]["per_question"]]).as_dict()
+            for c in report["conditions"] if c != PAIRED_AGAINST}
 
 
 def output_paths(output=None, markdown=None, plot=None, log_file=None) -> dict[str, Path]:
@@ -144,6 +162,7 @@ def compare_conditions(model: str = DEFAULT_MODEL, relations=None, limit=None, b
             if bar is not None:
                 bar.close()
     report = {"model": model, "data": "todd" if data_dir else "project", "limit": limit, "conditions": conditions, "relations": rows}
+    report["paired"] = paired_comparisons(report)
     table = format_table(report)
     print(table)
     if output:
@@ -174,7 +193,16 @@ def format_table(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{row[c]['exact_match']:.3f} ± {row[c]['stderr']:.3f}" for c in conditions) + " |")
     means = [sum(r[c]["exact_match"] for r in report["relations"].values()) / len(report["relations"]) for c in conditions]
     lines.append("| **mean** | " + " | ".join(f"**{m:.3f}**" for m in means) + " |")
+    paired = report.get("paired") or {}
+    if paired:
+        lines.append(f"| **{PAIRED_AGAINST} minus it**, paired over all questions [95% CI], p | "
+                     + " | ".join(_paired_cell(paired[c]) if c in paired else "" for c in conditions) + " |")
     return "\n".join(lines)
+
+
+def _paired_cell(gain: dict) -> str:
+    low, high = gain["ci95"]
+    return f"{gain['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}], p={gain['p']:.2g}"
 
 
 def format_markdown(report: dict, command: str | None = None) -> str:

@@ -30,12 +30,13 @@ from pathlib import Path
 from ffv_eval.errors import FFVError
 from ffv_eval.files.json_lines import json_line_objects
 from ffv_eval.reports.paired import Outcome, PairedGain, PairingError, match_outcomes, paired_gain
+from ffv_eval.vectors.library import KINDS
 from ffv_eval.vectors.record import VectorInfo, VectorRecord
 from ffv_eval.vectors.spec import AUTO, COMPOSITE, VectorSpec
 
 REQUIRED_FIELDS = ("results", "config", "versions", "n-shot")
 PRIMARY_METRICS = ("exact_match", "acc", "acc_norm", "top_answer")
-VECTOR_KIND_ORDER = ("fv", "ffv", "ffv-random", "cfv", "auto")
+VECTOR_KIND_ORDER = (*KINDS, "cfv", "auto")
 SHOT_CONDITION = re.compile(r"^(\d+)-shot$")
 
 

@@ -1,1 +1,2 @@
-"""Function vectors: extracted (FV), fine-tuned (FFV), the basis and composite (CFV), decoded, stored as safetensors + JSON, and the jobs that make them."""
+"""Function vectors: extracted (FV), fine-tuned (FFV), the basis and composite (CFV), decoded,
+stored as safetensors + JSON, and the jobs that make them."""

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 from ffv_eval import VECTORS_DIR, __version__
 from ffv_eval.data.basis_sources import BasisRelation
 from ffv_eval.files.hashes import pairs_sha256
-from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
-from ffv_eval.models.tokens import encode_prompts, pad_id_of
-from ffv_eval.vectors.scoring import first_token_scores
-from ffv_eval.vectors.function_vectors import icl_prompts, mean_head_outputs
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tokens import encode_prompts, pad_id_of
 from ffv_eval.progress import no_progress
+from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
+from ffv_eval.vectors.function_vectors import icl_prompts, mean_head_outputs
 from ffv_eval.vectors.library import BasisError, basis_output_dir, basis_vector_file, kind_dir, model_vectors
+from ffv_eval.vectors.scoring import first_token_scores
 from ffv_eval.vectors.store import VectorFileError, load_vector, save_vector
 
 BASIS_KIND = "basis"
@@ -66,6 +66,13 @@ class Basis:
     model_fingerprint: str
     directory: Path
 
+    def without(self, names) -> Basis:
+        """The basis less the relations `names` (kept in order): a basis that has never seen them."""
+        keep = [i for i, n in enumerate(self.names) if n not in set(names)]
+        if not keep:
+            raise BasisError(f"basis {self.directory}: nothing left once {len(set(names))} relations are held out")
+        return Basis([self.names[i] for i in keep], self.vectors[keep], self.layer, self.model_fingerprint, self.directory)
+
 
 def function_heads(model_alias: str, vectors_dir: Path = VECTORS_DIR) -> FunctionHeads:
     """The heads with the largest summed indirect effect over the model's shipped FVs (as many
@@ -81,7 +88,7 @@ def function_heads(model_alias: str, vectors_dir: Path = VECTORS_DIR) -> Functio
     k = max(1, int(statistics.median(len(m.get("heads", [])) for m in fvs)))
     ffvs = [load_vector(p).metadata for p in model_vectors(model_alias, "ffv", root=vectors_dir)] or fvs
     layers = Counter(m["layer"] for m in ffvs)
-    layer = min(layers, key=lambda l: (-layers[l], l))
+    layer = min(layers, key=lambda n: (-layers[n], n))
     return FunctionHeads(tuple(h for h, _ in effect.most_common(k)), layer, float(statistics.median(m["scale"] for m in fvs)))
 
 
@@ -125,7 +132,7 @@ def build_basis(
         else:
             missing.append(relation)
     progress(f"[ffv] basis for {model_alias}: {len(relations)} relations, {len(relations) - len(missing)} cached, "
-             f"{len(missing)} to train at layer {heads.layer} (heads {', '.join(f'L{l}H{h}' for l, h in heads.heads)}, x{heads.scale:g})")
+             f"{len(missing)} to train at layer {heads.layer} (heads {', '.join(f'L{layer}H{h}' for layer, h in heads.heads)}, x{heads.scale:g})")
     training = TrainingSettings(n_pairs=settings.n_pairs, steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed)
     bar = tqdm(total=len(missing), unit="relation", desc=f"basis {model_alias}", disable=None if missing else True)
     for start in range(0, len(missing), settings.relations_per_pass):
@@ -141,8 +148,9 @@ def build_basis(
             save_vector(basis_vector_file(directory, relation.name), result.vector, {
                 "kind": BASIS_KIND, "relation": relation.name, "source": relation.source, "origin": relation.origin,
                 "model": model_alias, "model_fingerprint": fingerprint, "layer": heads.layer, "scale": 1.0,
-                "heads": [{"layer": l, "head": h} for l, h in heads.heads], "init_scale": heads.scale,
-                "data": {"pairs_sha256": pairs_sha256(relation.pairs), "n_pairs": len(relation.pairs), "training_pairs": len(relation.pairs[: settings.n_pairs])},
+                "heads": [{"layer": layer, "head": h} for layer, h in heads.heads], "init_scale": heads.scale,
+                "data": {"pairs_sha256": pairs_sha256(relation.pairs), "n_pairs": len(relation.pairs),
+                         "training_pairs": len(relation.pairs[: settings.n_pairs])},
                 "settings": dataclasses.asdict(settings),
                 "metrics": {"training_first_token_accuracy": fit1, "training_first_token_accuracy_at_init": fit0,
                             "first_loss": result.losses[0], "last_loss": sum(result.losses[-10:]) / len(result.losses[-10:])},

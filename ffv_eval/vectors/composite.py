@@ -9,15 +9,17 @@ softmax over the basis turns the scores into the posterior over relations. Two p
                 over a temperature fitted to put the posterior on each training stem's own
                 relation. (A per-stem baseline alone would cancel in the softmax.)
 
-An affine map, fitted on training analogies, turns the posterior into weights, and the CFV is
-the weighted sum of the basis vectors, added where the model completes C
-(`Q: A\\nA: B\\n\\nQ: C\\nA:`). The map is validated on the analogies of basis relations held out
-of its fit; `posterior="auto"` and `map="auto"` keep the posterior, and the fitted map or W = I,
-that validation supports. This module holds the map's maths; its fitting is composite_fit.py.
+The posterior may keep only its `top_k` most likely relations (renormalised; 0 keeps all). An
+affine map, fitted on training analogies, turns the posterior into weights (W = s I, b = 0 for
+the posterior itself at scale s), and the CFV is the weighted sum of the basis vectors, added
+where the model completes C (`Q: A\\nA: B\\n\\nQ: C\\nA:`). Which posterior, top_k, scale and map
+a model uses is chosen on basis relations held out of the basis itself
+(composite_fit.fit_composite_map). This module holds the map's maths; its fitting is
+composite_fit.py.
 
 The fitted map is stored as <basis dir>/composite.safetensors (tensors "weight" [R, R], "bias"
 [R] and, calibrated, "relation_baseline" [R]) beside composite.json (basis relation names,
-layer, posterior, temperature, model fingerprint, training data and metrics), files that
+layer, posterior, temperature, top_k, model fingerprint, training data and metrics), files that
 vectors.library reads and writes."""
 
 from __future__ import annotations
@@ -29,15 +31,14 @@ from pathlib import Path
 import torch
 
 from ffv_eval import __version__
+from ffv_eval.data.prompts import answer_text, query_text
 from ffv_eval.errors import TokenizationError
-from ffv_eval.vectors.basis import Basis, BasisError, load_basis
-from ffv_eval.vectors.library import (composite_files, find_basis_dir, read_composite_metadata, read_composite_tensors,
-                                      write_composite_map)
-from ffv_eval.models.tokens import answer_token_id, encode_continuation
-from ffv_eval.vectors.scoring import answer_log_probs
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
-from ffv_eval.data.prompts import answer_text, query_text
+from ffv_eval.models.tokens import answer_token_id, encode_continuation
+from ffv_eval.vectors.basis import Basis, BasisError, load_basis
+from ffv_eval.vectors.library import composite_files, find_basis_dir, read_composite_metadata, read_composite_tensors, write_composite_map
+from ffv_eval.vectors.scoring import answer_log_probs
 
 POSTERIORS = ("softmax", "calibrated")
 
@@ -51,10 +52,11 @@ class CompositeMap:
     posterior_kind: str = "softmax"  # one of POSTERIORS
     relation_baseline: torch.Tensor | None = None  # [R], calibrated only
     metadata: dict = field(default_factory=dict)
+    top_k: int = 0  # keep the k most likely relations of each posterior (0: all)
 
     def posterior(self, log_probs: torch.Tensor) -> torch.Tensor:
         """basis_logprobs(..., with_baseline=True) [N, R + 1] -> posterior [N, R], float32."""
-        return posterior_from(log_probs, self.posterior_kind, self.relation_baseline, self.temperature)
+        return keep_top(posterior_from(log_probs, self.posterior_kind, self.relation_baseline, self.temperature), self.top_k)
 
     def weights(self, posterior: torch.Tensor) -> torch.Tensor:
         """Posterior [N, R] -> weights [N, R], float32 on the posterior's device."""
@@ -144,6 +146,16 @@ def posterior_from(log_probs: torch.Tensor, kind: str, relation_baseline: torch.
     return torch.softmax(posterior_scores(log_probs, kind, relation_baseline) / temperature, dim=-1)
 
 
+def keep_top(posterior: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, R] posterior -> the same with only each row's k largest entries, renormalised (k <= 0
+    or k >= R: unchanged)."""
+    if k <= 0 or k >= posterior.shape[-1]:
+        return posterior
+    values, index = posterior.topk(k, dim=-1)
+    kept = torch.zeros_like(posterior).scatter(-1, index, values)
+    return kept / kept.sum(-1, keepdim=True)
+
+
 def relation_posterior(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tuple[str, str]], temperature: float = 1.0) -> torch.Tensor:
     """[N, R]: the paper's posterior, the softmax over basis relations of log P(B | A, FFV_r) / T."""
     return torch.softmax(basis_logprobs(patcher, tokenizer, basis, stems) / temperature, dim=-1)
@@ -158,6 +170,7 @@ def save_composite_map(cmap: CompositeMap, model_alias: str) -> Path:
         "layer": cmap.basis.layer,
         "posterior": cmap.posterior_kind,
         "temperature": cmap.temperature,
+        "top_k": cmap.top_k,
         "basis": cmap.basis.names,
         **cmap.metadata,
         "ffv_eval_version": __version__,
@@ -182,8 +195,11 @@ def load_composite_map(directory: Path, fingerprint: str | None = None) -> Compo
     if kind == "calibrated" and (baseline is None or baseline.shape != (n,)):
         raise BasisError(f"{path}: the calibrated posterior needs a tensor 'relation_baseline' of shape ({n},), "
                          f"found {None if baseline is None else tuple(baseline.shape)}; rebuild with ffv basis build")
+    top_k = meta.get("top_k", 0)  # maps saved before top_k keep every relation
+    if not isinstance(top_k, int) or top_k < 0:
+        raise BasisError(f"{side}: field 'top_k' is {top_k!r}, expected a whole number >= 0 (0 keeps every relation)")
     return CompositeMap(basis, tensors["weight"], tensors["bias"], float(meta["temperature"]), kind,
-                        baseline if kind == "calibrated" else None, meta)
+                        baseline if kind == "calibrated" else None, meta, top_k)
 
 
 def model_composite_map(model_alias: str, fingerprint: str, basis_dir=None) -> CompositeMap:

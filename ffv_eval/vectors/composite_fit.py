@@ -43,15 +43,48 @@ class Analogy:
 class MapSettings:
     stems_per_relation: int = 16  # source pairs A:B per basis relation, from its spare pairs
     targets_per_stem: int = 8  # C:D per source pair, from the same spare pairs
-    held_out_relations: float = 0.2  # share of relations whose analogies validate the map, not fit it
+    # share of relations held out of the basis and of the map's fit while the settings are
+    # chosen: half of them choose, the other half report the choice
+    held_out_relations: float = 0.2
     posterior: str = "auto"  # one of POSTERIORS, or "auto": the one validation supports
-    map: str = "auto"  # "fitted" (the paper's), "identity" (W = I, b = 0), or "auto": the one validation supports
+    map: str = "auto"  # "fitted" (the paper's), "identity" (W = s I, b = 0), or "auto": the one validation supports
+    top_k: tuple[int, ...] = (0, 1, 3)  # posterior sharpness tried with W = s I: relations kept (0: all)
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # CFV scales s tried with W = s I
+    max_validation_analogies: int = 600  # per half of the held-out relations (a seeded sample)
     steps: int = 150
     batch_size: int = 16
     learning_rate: float = 0.02
     l2: float = 1.0  # weight of |W - I|^2 + |b|^2, per relation
     seed: int = 0
 
+    def __post_init__(self):
+        """Bad settings fail when they are made, before any model work."""
+        if self.posterior not in (*POSTERIORS, "auto"):
+            raise BasisError(f"posterior={self.posterior!r}: expected one of {', '.join(POSTERIORS)} or auto")
+        if self.map not in ("fitted", "identity", "auto"):
+            raise BasisError(f"map={self.map!r}: expected fitted, identity or auto")
+        if not self.top_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.top_k):
+            raise BasisError(f"top_k {list(self.top_k)}: expected whole numbers >= 0 (0 keeps every relation)")
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise BasisError(f"scales {list(self.scales)}: expected positive numbers")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to turn a posterior into a CFV: which posterior, how many of its relations kept,
+    the fitted map or W = s I."""
+
+    posterior: str
+    map: str  # "fitted" or "identity"
+    top_k: int = 0
+    scale: float = 1.0
+
+    def preference(self) -> tuple:
+        """Tie-break towards the paper's choice: softmax, fitted map, every relation, scale 1."""
+        return (self.posterior == "softmax", self.map == "fitted", self.top_k == 0, self.scale == 1.0)
+
+
+PAPER = Candidate("softmax", "fitted")
 
 
 def fit_temperature(scores: torch.Tensor, relation_index: Sequence[int]) -> float:
@@ -132,6 +165,66 @@ def completion_check(patcher, tokenizer, analogies: Sequence[Analogy], layer: in
     return {"accuracy": hits / n, "repeats_abc": repeats / n}
 
 
+def split_held_out(held_out: set[str], seed: int) -> tuple[list[str], list[str]]:
+    """The held-out relations in two seeded halves: those that choose the settings, those that
+    report the choice (with one relation, it chooses and nothing reports)."""
+    names = sorted(held_out)
+    random.Random(f"{seed}:split").shuffle(names)
+    half = (len(names) + 1) // 2
+    return sorted(names[:half]), sorted(names[half:])
+
+
+def _sample(analogies: Sequence[Analogy], n: int, seed: int) -> list[Analogy]:
+    return list(analogies) if len(analogies) <= n else random.Random(seed).sample(list(analogies), n)
+
+
+class _Fit:
+    """The posterior (temperature, relation baselines) and maps fitted on one basis and one set of
+    analogies: what the candidates of fit_composite_map are built from."""
+
+    def __init__(self, patcher, tokenizer, basis: Basis, log_probs: torch.Tensor, row: dict, fitting: Sequence[Analogy],
+                 settings: MapSettings, progress):
+        self.patcher, self.tokenizer, self.basis, self.settings, self.progress = patcher, tokenizer, basis, settings, progress
+        self.log_probs, self.row, self.fitting = log_probs, row, list(fitting)
+        stems = list(dict.fromkeys(row[(x.a, x.b)] for x in self.fitting))
+        # Each relation's own baseline: its mean gain over the fitting stems (one row per stem).
+        self.relation_baseline = relation_gains(log_probs[stems]).mean(0).cpu()
+        self._temperatures: dict[str, float] = {}
+        self._fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rows(self, analogies: Sequence[Analogy]) -> torch.Tensor:
+        return self.log_probs[[self.row[(x.a, x.b)] for x in analogies]]
+
+    def temperature(self, kind: str) -> float:
+        if kind not in self._temperatures:
+            truth = [self.basis.names.index(x.relation) if x.relation in self.basis.names else -1 for x in self.fitting]
+            known = [i for i, k in enumerate(truth) if k >= 0]
+            self._temperatures[kind] = 1.0
+            if kind == "calibrated" and known:
+                scores = posterior_scores(self.rows([self.fitting[i] for i in known]), kind, self.relation_baseline)
+                self._temperatures[kind] = fit_temperature(scores, [truth[i] for i in known])
+        return self._temperatures[kind]
+
+    def cmap(self, candidate: Candidate) -> CompositeMap:
+        kind = candidate.posterior
+        cmap = CompositeMap(self.basis, *_identity_map(len(self.basis.names)), self.temperature(kind), kind,
+                            self.relation_baseline if kind == "calibrated" else None, top_k=candidate.top_k)
+        if candidate.map == "fitted":
+            if kind not in self._fitted:
+                self.progress(f"[ffv] fitting the map on the {kind} posterior (temperature {cmap.temperature:.3g}, "
+                              f"{len(self.basis.names)} basis relations)")
+                weight, bias, _ = _fit_map(self.patcher, self.tokenizer, self.basis, self.fitting,
+                                           cmap.posterior(self.rows(self.fitting)), self.settings, self.progress)
+                self._fitted[kind] = (weight, bias)
+            cmap.weight, cmap.bias = (t.clone() for t in self._fitted[kind])
+        cmap.weight, cmap.bias = cmap.weight * candidate.scale, cmap.bias * candidate.scale
+        return cmap
+
+    def check(self, candidate: Candidate, analogies: Sequence[Analogy]) -> dict[str, float]:
+        cmap = self.cmap(candidate)
+        return completion_check(self.patcher, self.tokenizer, analogies, self.basis.layer, cmap.vectors(cmap.posterior(self.rows(analogies))))
+
+
 def fit_composite_map(
     patcher: Patcher,
     tokenizer,
@@ -140,87 +233,78 @@ def fit_composite_map(
     settings: MapSettings = MapSettings(),
     progress: Callable[[str], None] = no_progress,
 ) -> CompositeMap:
-    """Fit W, b (weights = W p + b, starting at W = I, b = 0) so that the CFV added where the
-    model completes C makes D's first token likely, on the analogies of all but the held-out
-    basis relations; the held-out relations' analogies report first-token accuracy and repeats
-    of A, B or C, unpatched, with W = I and with the fitted map, for each posterior tried
-    (settings.posterior, or both with "auto"). With settings.map "auto", validation picks the
-    posterior and whether the fitted map or W = I is kept (the paper's softmax and fitted map on
-    a tie or without held-out relations)."""
+    """Choose how a posterior becomes a CFV, then fit that on every analogy and the whole basis.
+
+    A seeded share of the relations is held out of the basis *and* of the fit: with the basis
+    less those relations, each candidate (posterior softmax or calibrated; the fitted affine map
+    at scale 1 with every relation, or W = s I for each top_k and scale of the settings) is fitted
+    on the other relations' analogies and scored (first-token accuracy of D, the CFV added where
+    the model completes C) on the analogies of one half of the held-out relations; the best one
+    (ties to the paper's softmax and fitted map) is then reported, beside unpatched and the
+    paper's choice, on the other half. Without held-out relations (or with one candidate) the
+    settings decide. The chosen candidate is finally fitted on all analogies with the full
+    basis: that map is returned, its metadata holding every figure."""
     if not analogies:
         raise BasisError("no training analogies: every basis relation has fewer than two spare pairs")
-    if settings.posterior not in (*POSTERIORS, "auto"):
-        raise BasisError(f"posterior={settings.posterior!r}: expected one of {', '.join(POSTERIORS)} or auto")
-    if settings.map not in ("fitted", "identity", "auto"):
-        raise BasisError(f"map={settings.map!r}: expected fitted, identity or auto")
     for x in analogies:
         where = f"training analogy {x.a}:{x.b}::{x.c}:{x.d} from {x.relation}"
         check_words(tokenizer, [x.a], query_text(x.a), x.b, where)
         check_words(tokenizer, [x.a, x.b, x.c], one_shot_prompt(x.a, x.b, x.c), x.d, where)
-    held_out = held_out_relations(analogies, settings.held_out_relations, settings.seed)
-    train = [x for x in analogies if x.relation not in held_out]
-    valid = [x for x in analogies if x.relation in held_out]
+    kinds = POSTERIORS if settings.posterior == "auto" else (settings.posterior,)
+    maps = ("fitted", "identity") if settings.map == "auto" else (settings.map,)
+    candidates = [Candidate(kind, how, k, s) for kind in kinds for how in maps
+                  for k, s in ([(0, 1.0)] if how == "fitted" else [(k, s) for k in settings.top_k for s in settings.scales])]
+    held_out = held_out_relations(analogies, settings.held_out_relations, settings.seed) if len(candidates) > 1 else set()
+    choosing, reporting = split_held_out(held_out, settings.seed)
+    fitting = [x for x in analogies if x.relation not in held_out]
+    choose = _sample([x for x in analogies if x.relation in choosing], settings.max_validation_analogies, settings.seed)
+    report = _sample([x for x in analogies if x.relation in reporting], settings.max_validation_analogies, settings.seed)
+
     t = time.perf_counter()
     stems = list(dict.fromkeys((x.a, x.b) for x in analogies))
     row = {stem: i for i, stem in enumerate(stems)}
     log_probs = basis_logprobs(patcher, tokenizer, basis, stems, with_baseline=True)
-    lp_train = log_probs[[row[(x.a, x.b)] for x in train]]
-    lp_valid = log_probs[[row[(x.a, x.b)] for x in valid]]
-    progress(f"[ffv] posteriors of {len(stems)} source pairs ({len(train)} fitting and {len(valid)} validation analogies, "
-             f"{len(held_out)} held-out relations) over {len(basis.names)} basis relations ({time.perf_counter() - t:.0f}s)")
-    # Each relation's own baseline: its mean gain over the fitting stems (one row per stem).
-    fit_stems = list(dict.fromkeys(row[(x.a, x.b)] for x in train))
-    relation_baseline = relation_gains(log_probs[fit_stems]).mean(0).cpu()
-    truth = [basis.names.index(x.relation) if x.relation in basis.names else -1 for x in train]
-    known = [i for i, k in enumerate(truth) if k >= 0]
-    unpatched = completion_check(patcher, tokenizer, valid, basis.layer) if valid else None
-    kinds = POSTERIORS if settings.posterior == "auto" else (settings.posterior,)
-    candidates = {}
-    for kind in kinds:
-        temperature = 1.0
-        if kind == "calibrated" and known:
-            temperature = fit_temperature(posterior_scores(lp_train[known], kind, relation_baseline), [truth[i] for i in known])
-        cmap = CompositeMap(basis, *_identity_map(len(basis.names)), temperature, kind, relation_baseline if kind == "calibrated" else None)
-        progress(f"[ffv] fitting the map on the {kind} posterior (temperature {temperature:.3g})")
-        cmap.weight, cmap.bias, fit_metrics = _fit_map(patcher, tokenizer, basis, train, cmap.posterior(lp_train), settings, progress)
-        metrics = {"temperature": temperature, **fit_metrics}
-        if valid:
-            posterior_valid = cmap.posterior(lp_valid)
-            unmapped = CompositeMap(basis, *_identity_map(len(basis.names)), temperature, kind, cmap.relation_baseline)
-            metrics.update({
-                "validation_unpatched": unpatched,
-                "validation_posterior_weights": completion_check(patcher, tokenizer, valid, basis.layer, unmapped.vectors(posterior_valid)),
-                "validation_fitted_map": completion_check(patcher, tokenizer, valid, basis.layer, cmap.vectors(posterior_valid)),
-                "validation_top_relation_correct": _top_relation_share(basis, posterior_valid, valid),
-            })
-            progress("[ffv] {kind} posterior, held-out relations' analogies: first-token accuracy unpatched {u[accuracy]:.3f}, "
-                     "W = I {w[accuracy]:.3f}, fitted map {f[accuracy]:.3f}; repeats of A, B or C {u[repeats_abc]:.3f} / "
-                     "{w[repeats_abc]:.3f} / {f[repeats_abc]:.3f}; top relation right {top:.3f}".format(
-                         kind=kind, u=unpatched, w=metrics["validation_posterior_weights"], f=metrics["validation_fitted_map"],
-                         top=metrics["validation_top_relation_correct"]))
-        candidates[kind] = (cmap, metrics)
-    # Validation picks the posterior and whether the fitted map beats W = I on relations it was
-    # not fitted on; ties go to the paper's choice (softmax, fitted map).
-    maps = {"auto": ("fitted", "identity"), "fitted": ("fitted",), "identity": ("identity",)}[settings.map]
-    options = [(kind, how) for kind in kinds for how in maps]
-
-    def validated(option) -> tuple:
-        kind, how = option
-        key = "validation_fitted_map" if how == "fitted" else "validation_posterior_weights"
-        return (candidates[kind][1].get(key, {}).get("accuracy", 0.0), kind == "softmax", how == "fitted")
-
-    chosen, how = max(options, key=validated)
-    cmap = candidates[chosen][0]
-    if how == "identity":
-        cmap.weight, cmap.bias = _identity_map(len(basis.names))
+    progress(f"[ffv] posteriors of {len(stems)} source pairs over {len(basis.names)} basis relations ({time.perf_counter() - t:.0f}s)")
+    validation = None
+    chosen = max(candidates, key=Candidate.preference)  # without validation: the one nearest the paper's
+    if held_out:
+        reduced = basis.without(held_out)
+        columns = [basis.names.index(n) for n in reduced.names] + [len(basis.names)]  # and the no-vector column
+        trial = _Fit(patcher, tokenizer, reduced, log_probs[:, columns], row, fitting, settings, progress)
+        progress(f"[ffv] choosing the CFV settings with {len(held_out)} relations held out of the basis and the fit: "
+                 f"{len(fitting)} fitting analogies, {len(choose)} choosing ({', '.join(choosing)}), "
+                 f"{len(report)} reporting ({', '.join(reporting)})")
+        unpatched = completion_check(patcher, tokenizer, choose, basis.layer)
+        tried = []
+        for candidate in tqdm(candidates, desc="CFV settings", disable=None):
+            tried.append((candidate, trial.check(candidate, choose)))
+            progress(f"[ffv]   {candidate}: first-token accuracy {tried[-1][1]['accuracy']:.3f} (unpatched {unpatched['accuracy']:.3f})")
+        chosen = max(tried, key=lambda ct: (ct[1]["accuracy"], ct[0].preference()))[0]
+        reported = {"unpatched": completion_check(patcher, tokenizer, report, basis.layer)} if report else {}
+        if report:
+            reported["chosen"] = trial.check(chosen, report)
+            reported["paper"] = trial.check(PAPER, report) if PAPER in candidates else None
+            progress("[ffv] chosen {c}; on the reporting relations: first-token accuracy unpatched {r[unpatched][accuracy]:.3f}, "
+                     "chosen {r[chosen][accuracy]:.3f}{paper}".format(
+                         c=chosen, r=reported, paper=f", paper's {reported['paper']['accuracy']:.3f}" if reported["paper"] else ""))
+        validation = {
+            "basis_relations": len(reduced.names),
+            "temperatures": {k: trial.temperature(k) for k in kinds},
+            "choosing": {"relations": choosing, "analogies": len(choose), "unpatched": unpatched,
+                         "candidates": [{**dataclasses.asdict(c), **m} for c, m in tried]},
+            "reporting": {"relations": reporting, "analogies": len(report), **reported},
+        }
+    final = _Fit(patcher, tokenizer, basis, log_probs, row, analogies, settings, progress)
+    cmap = final.cmap(chosen)
     cmap.metadata = {
         "settings": dataclasses.asdict(settings),
-        "posterior_choice": {"chosen": chosen, "map": how,
-                             "by": "validation first-token accuracy on the held-out relations' analogies" if valid and len(options) > 1
-                             else "settings" if len(options) == 1 else "no held-out relations: the paper's softmax and fitted map"},
-        "held_out_relations": sorted(held_out),
-        "analogies": {"fitting": len(train), "validation": len(valid), "source_pairs": len(stems)},
-        "metrics": {kind: metrics for kind, (_, metrics) in candidates.items()},
+        "posterior_choice": {**dataclasses.asdict(chosen), "chosen": chosen.posterior,
+                             "by": "first-token accuracy on held-out relations absent from the basis" if validation
+                             else "settings" if len(candidates) == 1 else "no held-out relations: the paper's softmax and fitted map"},
+        "held_out_relations": {"choosing": choosing, "reporting": reporting},
+        "analogies": {"fitting": len(fitting), "choosing": len(choose), "reporting": len(report),
+                      "final_fit": len(analogies), "source_pairs": len(stems)},
+        "validation": validation,
     }
     return cmap
 
@@ -260,10 +344,3 @@ def _fit_map(patcher, tokenizer, basis: Basis, train: Sequence[Analogy], posteri
     progress(f"[ffv] map fitted: loss {losses[0]:.3f} -> {sum(last) / len(last):.3f} ({time.perf_counter() - t:.0f}s)")
     return (weight.detach().cpu().clone(), bias.detach().cpu().clone(),
             {"first_loss": losses[0], "last_loss": sum(last) / len(last), "seconds": time.perf_counter() - t})
-
-
-def _top_relation_share(basis: Basis, posterior: torch.Tensor, analogies: Sequence[Analogy]) -> float:
-    if not analogies:
-        return 0.0
-    top = posterior.argmax(-1).tolist()
-    return sum(basis.names[i] == x.relation for i, x in zip(top, analogies)) / len(analogies)

@@ -6,20 +6,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ffv_eval.errors import SettingError
 from ffv_eval import DEFAULT_MODEL
-from ffv_eval.files.atomic import check_writable
-from ffv_eval.vectors.basis import BasisSettings, build_basis
-from ffv_eval.vectors.library import TRAINING_PAIRS_FILE, basis_output_dir, composite_files, write_basis_training_pairs
 from ffv_eval.data.basis_sources import basis_relations
+from ffv_eval.data.relations import data_dir_from_env
 from ffv_eval.data.test_sets import test_screen
-from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
-from ffv_eval.vectors.composite import CompositeVectors, model_composite_map, save_composite_map
+from ffv_eval.errors import SettingError
+from ffv_eval.files.atomic import check_writable
 from ffv_eval.files.lock import cache_lock
 from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint
 from ffv_eval.models.patching import Patcher
-from ffv_eval.data.relations import data_dir_from_env
 from ffv_eval.progress import show_progress
+from ffv_eval.vectors.basis import BasisSettings, build_basis
+from ffv_eval.vectors.composite import CompositeVectors, model_composite_map, save_composite_map
+from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
+from ffv_eval.vectors.library import TRAINING_PAIRS_FILE, basis_output_dir, composite_files, write_basis_training_pairs
 
 
 def build_basis_and_map(model_name: str = DEFAULT_MODEL, data_dir=None, sources=None, out=None, force: bool = False,

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ffv_eval.models.architectures import ArchitectureAdapter
-from ffv_eval.models.tokens import answer_token_id
-from ffv_eval.models.loading import input_device
 from ffv_eval.data.prompts import query_text
 from ffv_eval.data.relations import WordPair
+from ffv_eval.models.architectures import ArchitectureAdapter
+from ffv_eval.models.loading import input_device
+from ffv_eval.models.tokens import answer_token_id
 
 
 @dataclass

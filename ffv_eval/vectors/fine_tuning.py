@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ffv_eval.errors import FFVError, SettingError
-from ffv_eval.models.tokens import encode_answers, pad_id_of, right_pad
-from ffv_eval.vectors.scoring import answer_log_probs
-from ffv_eval.models.loading import input_device
-from ffv_eval.models.patching import Patcher
 from ffv_eval.data.prompts import query_text
 from ffv_eval.data.relations import RelationDataError, WordPair
+from ffv_eval.errors import FFVError, SettingError
+from ffv_eval.models.loading import input_device
+from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tokens import encode_answers, pad_id_of, right_pad
 from ffv_eval.progress import no_progress
+from ffv_eval.vectors.scoring import answer_log_probs
 
 
 class DivergedTraining(FFVError, RuntimeError):
@@ -159,7 +159,7 @@ def train_function_vectors(
             for r in range(n_relations):
                 losses[r].append(per_relation[r].item())
             if (step + 1) % 10 == 0 or step + 1 == settings.steps:
-                recent = [sum(l[-10:]) / len(l[-10:]) for l in losses]
+                recent = [sum(x[-10:]) / len(x[-10:]) for x in losses]
                 progress(f"step {step + 1}/{settings.steps}: loss {sum(recent) / n_relations:.3f}"
                          + (f", |v| {vectors[0].norm():.0f}" if n_relations == 1 else f" (mean of {n_relations} relations)"))
     seconds = time.perf_counter() - start

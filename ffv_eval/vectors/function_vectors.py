@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ffv_eval.data.prompts import fewshot_prompt, shuffled_label_demos
+from ffv_eval.data.relations import RelationData, WordPair
 from ffv_eval.errors import SettingError
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
-from ffv_eval.data.prompts import fewshot_prompt, shuffled_label_demos
-from ffv_eval.data.relations import RelationData, WordPair
-from ffv_eval.progress import no_progress
 from ffv_eval.models.tokens import PromptSet, encode_prompts, pad_id_of, right_pad
+from ffv_eval.progress import no_progress
 from ffv_eval.vectors.scoring import answer_log_probs, first_token_accuracy, first_token_scores
+
 
 @dataclass(frozen=True)
 class ExtractionSettings:
@@ -192,7 +193,7 @@ def extract_function_vector(
     seconds["indirect_effects"] = time.perf_counter() - t
     progress(
         f"indirect effects of {a.n_layers * a.n_heads} heads on {settings.n_effect_prompts} shuffled-label prompts "
-        f"({seconds['indirect_effects']:.1f}s); top: " + ", ".join(f"L{l}H{h}={e:.4f}" for l, h, e in ranked[:5])
+        f"({seconds['indirect_effects']:.1f}s); top: " + ", ".join(f"L{layer}H{h}={e:.4f}" for layer, h, e in ranked[:5])
     )
 
     # Choose top-k, layer and scale by zero-shot validation accuracy (mean answer log-prob

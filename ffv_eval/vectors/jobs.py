@@ -11,20 +11,20 @@ from pathlib import Path
 import torch
 
 from ffv_eval import __version__
+from ffv_eval.data.relations import RelationDataError, WordPair, load_relation, project_relations, read_pairs
+from ffv_eval.data.test_sets import test_screen
 from ffv_eval.errors import SettingError
 from ffv_eval.files.atomic import check_writable
 from ffv_eval.files.hashes import file_sha256, pairs_sha256
-from ffv_eval.vectors.decoding import decode_vector, format_side_by_side
-from ffv_eval.vectors.fine_tuning import TrainingSettings, check_training_pairs, train_function_vector
-from ffv_eval.vectors.scoring import first_token_accuracy
-from ffv_eval.vectors.function_vectors import ExtractionSettings, extract_function_vector
-from ffv_eval.vectors.library import KINDS, TRAINING_PAIRS, output_path, shipped_path, sidecar_training_pairs
 from ffv_eval.models.loading import Placement, load_model_and_tokenizer, model_fingerprint, text_config
 from ffv_eval.models.patching import Patcher
-from ffv_eval.vectors.heatmap import save_indirect_effect_heatmap
-from ffv_eval.data.relations import RelationDataError, WordPair, load_relation, project_relations, read_pairs
-from ffv_eval.data.test_sets import test_screen
 from ffv_eval.progress import show_progress
+from ffv_eval.vectors.decoding import decode_vector, format_side_by_side
+from ffv_eval.vectors.fine_tuning import TrainingSettings, check_training_pairs, train_function_vector
+from ffv_eval.vectors.function_vectors import ExtractionSettings, extract_function_vector
+from ffv_eval.vectors.heatmap import save_indirect_effect_heatmap
+from ffv_eval.vectors.library import KINDS, TRAINING_PAIRS, output_path, shipped_path, sidecar_training_pairs
+from ffv_eval.vectors.scoring import first_token_accuracy
 from ffv_eval.vectors.spec import VectorNameError, VectorSpec
 from ffv_eval.vectors.store import VectorFileError, check_compatible, load_vector, save_vector, sidecar_path
 
@@ -92,7 +92,7 @@ def extract_and_save(
         "model_type": model.config.model_type,
         "layer": result.layer,
         "scale": result.scale,
-        "heads": [{"layer": l, "head": h, "indirect_effect": round(e, 6)} for l, h, e in result.heads],
+        "heads": [{"layer": layer, "head": h, "indirect_effect": round(e, 6)} for layer, h, e in result.heads],
         "data": data_reference(relation),
         # prompts drew on the train split, the layer and heads were chosen on the validation split
         TRAINING_PAIRS: pair_list([*relation.train, *relation.validation]),

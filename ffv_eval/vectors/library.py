@@ -38,7 +38,9 @@ from ffv_eval.errors import FFVError
 from ffv_eval.files.atomic import atomic_write, atomic_write_text
 from ffv_eval.files.json_lines import json_line_objects, json_object
 
-KINDS = ("fv", "ffv", "ffv-random")  # the kinds of vector a model's library holds, one folder each
+# the kinds of vector a model's library holds, one folder each: the FV, the FFV trained from it
+# (whole-answer loss), the same trained on the first answer token only, and from random init
+KINDS = ("fv", "ffv", "ffv-first-token", "ffv-random")
 BARE_NAME_KINDS = ("ffv", "fv")  # what a bare name (`antonym`) means, in order of preference
 VECTOR_SUFFIX = ".safetensors"
 BASIS_DIR = "basis"  # <root>/<model>/basis/: a model's basis FFVs and fitted composite map

@@ -12,6 +12,8 @@ from ffv_eval.data.overlap import MAX_LISTED, Overlap, PairScreen, normal_form, 
     (("New_York", "USA"), ("new york", "usa")),  # underscore, case
     (("ice-cream", "Cold"), ("  ice cream ", "cold")),  # hyphen, spaces
     (("mice", "cheese"), ("mouse", "cheese")),  # irregular plural
+    (("walk", "walked"), ("WALKED", "Walk")),  # words sharing a lemma: their plain forms, either order
+    (("cat", "CATS"), ("cats", "cat")),
 ])
 def test_pairs_that_match(trained, tested):
     assert tested in PairScreen([trained])
@@ -23,6 +25,11 @@ def test_pairs_that_match(trained, tested):
     (("hot", "cold"), ("hot", "warm")),
     (("paris", "france"), ("paris", "texas")),
     (("new york", "usa"), ("york", "usa")),
+    # words sharing a lemma keep their forms: present-past is not verb-gerund nor verb-third-person
+    (("walk", "walked"), ("walk", "walking")),
+    (("walk", "walked"), ("walks", "walked")),
+    (("big", "bigger"), ("big", "biggest")),
+    (("walk", "walk"), ("walk", "walked")),  # a lemma key never meets a plain one
 ])
 def test_pairs_that_do_not_match(trained, tested):
     assert tested not in PairScreen([trained])

@@ -19,6 +19,37 @@ def test_every_project_relation_has_distinct_splits_of_the_required_size():
         assert R.load_relation(name) == data  # deterministic
 
 
+def test_no_project_test_pair_has_a_twin_in_its_other_splits():
+    """The project's files need no screening: no test pair matches (either order, as lemmas) a
+    pair of the same file's train or validation split, so the loader drops nothing."""
+    for name in R.project_relations():
+        data = R.load_relation(name)
+        assert len(data.train) + len(data.validation) + len(data.test) == len(R.read_pairs(R.project_relation_path(name))), name
+
+
+def test_train_and_validation_pairs_matching_a_test_pair_are_dropped(tmp_path):
+    from ffv_eval.data.overlap import PairScreen
+
+    folder = tmp_path / "function_vectors" / "abstractive"
+    folder.mkdir(parents=True)
+    words = [(f"big{i}", f"large{i}") for i in range(100)]
+    # every pair twice: reversed, and as plural twins with a different case
+    twins = [*words, *((b, a) for a, b in words), *((f"{a.upper()}s", f"{b}s") for a, b in words)]
+    (folder / "synonym.json").write_text(json.dumps([{"input": a, "output": b} for a, b in twins]))
+    data = R.load_relation("synonym", tmp_path)
+    test = PairScreen((p.input, p.output) for p in data.test)
+    shuffled = R.seeded_shuffle(R.read_pairs(folder / "synonym.json"))
+    n_train, n_valid, _ = R.split_sizes(len(shuffled))
+    expected = [[p for p in part if (p.input, p.output) not in test]
+                for part in (shuffled[:n_train], shuffled[n_train:n_train + n_valid])]
+    assert [list(data.train), list(data.validation)] == expected  # the test split is as cut, the others screened
+    assert len(data.train) < n_train and len(data.validation) < n_valid
+    assert not [p for p in (*data.train, *data.validation) if (p.input, p.output) in test]
+    (folder / "synonym.json").write_text(json.dumps([{"input": a, "output": b} for a, b in (*words[:45], *((b, a) for a, b in words[:45]))]))
+    with pytest.raises(R.RelationDataError, match="training pairs once those matching a test pair .* are dropped; need at least 20"):
+        R.load_relation("synonym", tmp_path)
+
+
 def test_todd_files_are_read_from_the_data_directory(shared_data, monkeypatch):
     data = R.load_relation("antonym", shared_data)
     assert data.source == "todd" and len(data.test) > 500
@@ -56,10 +87,11 @@ def test_relation_tasks_read_the_project_pairs_whatever_the_data_directory_says(
     monkeypatch.setenv("FFV_DATA_DIR", str(shared_data))
     loaded = _relation_tasks(data_dir=str(shared_data)).load(["relation_antonym", "todd_antonym"])["tasks"]
     assert _docs(loaded["relation_antonym"]) == project
-    assert _docs(loaded["todd_antonym"]) == todd
-    # same split rule: 30% (at least 50) test, 10% (at least 15) validation
-    assert len(loaded["todd_antonym"].test_docs()) == max(50, round(0.3 * len(todd)))
-    assert len(loaded["todd_antonym"].validation_docs()) == max(15, round(0.1 * len(todd)))
+    kept = R.load_relation("antonym", shared_data)  # less the train/validation twins of test pairs
+    assert _docs(loaded["todd_antonym"]) == {(p.input, p.output) for part in (kept.train, kept.validation, kept.test) for p in part} < todd
+    # same split rule: 30% (at least 50) test, 10% (at least 15) validation, less the twins of test pairs
+    assert len(loaded["todd_antonym"].test_docs()) == len(kept.test) == max(50, round(0.3 * len(todd)))
+    assert len(loaded["todd_antonym"].validation_docs()) == len(kept.validation) < max(15, round(0.1 * len(todd)))
     # same prompt and scoring as the relation tasks
     todd_task, project_task = loaded["todd_antonym"], loaded["relation_antonym"]
     for key in ("doc_to_text", "doc_to_target", "generation_kwargs", "target_delimiter", "metric_list"):
@@ -77,7 +109,9 @@ def test_todd_tasks_one_per_file_and_the_todd_group(shared_data):
     loaded = _relation_tasks(data_dir=str(shared_data)).load(["todd"])
     assert sorted(loaded["tasks"]) == [f"todd_{f}" for f in files]
     synonym = loaded["tasks"]["todd_synonym"]
-    assert _docs(synonym) == _raw_pairs(shared_data / R.TODD_SUBDIR / "synonym.json")
+    kept = R.load_relation("synonym", shared_data)
+    assert _docs(synonym) == {(p.input, p.output) for part in (kept.train, kept.validation, kept.test) for p in part}
+    assert _docs(synonym) < _raw_pairs(shared_data / R.TODD_SUBDIR / "synonym.json")
 
 
 def test_todd_tasks_say_where_they_looked(tmp_path):

@@ -180,7 +180,15 @@ def _run_quietly_and_check(stand_in, capfd, lm_eval_terminal_handler):
     assert report["conditions"] == ["zero_shot", "ffv", "2_shot"]
     row = report["relations"]["antonym"]
     assert [row[c]["exact_match"] for c in report["conditions"]] == pytest.approx([0.0, 1.0, 2 / 3])
+    assert [row[c]["per_question"] for c in report["conditions"]] == [[0, 0, 0], [1, 1, 1], [1, 0, 1]]
     assert row["vectors"]["ffv"]["path"].endswith("ffv/antonym.safetensors")
+    # the FFV against each other condition, question by question: 3 (and 1) discordant questions,
+    # all the FFV's, exact McNemar p = 2 * 0.5 ** 3 (and 1)
+    paired = report["paired"]
+    assert set(paired) == {"zero_shot", "2_shot"}
+    assert (paired["zero_shot"]["mean_difference"], paired["zero_shot"]["discordant"], paired["zero_shot"]["p"]) == (1.0, [0, 3], 0.25)
+    assert paired["2_shot"]["mean_difference"] == pytest.approx(1 / 3) and paired["2_shot"]["discordant"] == [0, 1]
+    assert "| **ffv minus it**, paired over all questions [95% CI], p | +1.000 [" in format_table(report)
 
     # the terminal: the log file's line, the table, the files written; the bar alone on stderr
     log = folder / "compare.log"

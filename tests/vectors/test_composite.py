@@ -233,19 +233,29 @@ def test_map_fit_holds_relations_out_and_keeps_what_validation_supports(tmp_path
     analogies = [Analogy(a, b, c, d, f"r{k}") for k in range(4)
                  for (a, b), (c, d) in zip(zip(words, words[k + 1:] + words), zip(words[1:], words[k + 2:] + words))]
     messages = []
-    cmap = fit_composite_map(patcher, tok, basis, analogies, MapSettings(steps=4, batch_size=4, held_out_relations=0.25), messages.append)
+    settings = MapSettings(steps=4, batch_size=4, held_out_relations=0.5, top_k=(0, 1), scales=(1.0, 2.0))
+    cmap = fit_composite_map(patcher, tok, basis, analogies, settings, messages.append)
     meta = cmap.metadata
-    (held,) = meta["held_out_relations"]
-    assert meta["analogies"] == {"fitting": sum(x.relation != held for x in analogies),
-                                 "validation": sum(x.relation == held for x in analogies), "source_pairs": len({(x.a, x.b) for x in analogies})}
-    tried = meta["metrics"]
-    assert set(tried) == {"softmax", "calibrated"} and tried["softmax"]["temperature"] == 1.0
+    held = meta["held_out_relations"]
+    (choosing,), (reporting,) = held["choosing"], held["reporting"]
+    assert choosing != reporting and {choosing, reporting} < set(basis.names)
+    assert meta["analogies"] == {"fitting": sum(x.relation not in (choosing, reporting) for x in analogies),
+                                 "choosing": sum(x.relation == choosing for x in analogies),
+                                 "reporting": sum(x.relation == reporting for x in analogies),
+                                 "final_fit": len(analogies), "source_pairs": len({(x.a, x.b) for x in analogies})}
+    validation = meta["validation"]
+    assert validation["basis_relations"] == 2  # the held-out relations are absent from the basis while choosing
+    tried = validation["choosing"]["candidates"]
+    # 2 posteriors x (the fitted map, and W = s I for 2 top_k x 2 scales)
+    assert len(tried) == 2 * (1 + 2 * 2) and {t["posterior"] for t in tried} == {"softmax", "calibrated"}
+    best = max(t["accuracy"] for t in tried)
     choice = meta["posterior_choice"]
-    key = {"fitted": "validation_fitted_map", "identity": "validation_posterior_weights"}
-    best = max(tried[k][key[m]]["accuracy"] for k in tried for m in key)
-    assert tried[choice["chosen"]][key[choice["map"]]]["accuracy"] == best and cmap.posterior_kind == choice["chosen"]
+    winner = [t for t in tried if all(t[k] == choice[k] for k in ("posterior", "map", "top_k", "scale"))]
+    assert winner and winner[0]["accuracy"] == best and cmap.posterior_kind == choice["posterior"] and cmap.top_k == choice["top_k"]
+    assert set(validation["reporting"]) >= {"relations", "unpatched", "chosen", "paper"}
+    assert len(cmap.basis.names) == 4  # the shipped map uses the whole basis again
     if choice["map"] == "identity":
-        assert torch.equal(cmap.weight, torch.eye(4)) and torch.equal(cmap.bias, torch.zeros(4))
+        assert torch.equal(cmap.weight, torch.eye(4) * choice["scale"]) and torch.equal(cmap.bias, torch.zeros(4))
     # a calibrated map round-trips with its relation baseline; without it, loading names the tensor
     for name, vector in zip(basis.names, basis.vectors):
         save_vector(tmp_path / f"{name}.safetensors", vector, {"kind": "basis", "relation": name, "model_fingerprint": "f" * 16, "layer": 1})
@@ -267,15 +277,61 @@ MODELS = ("gemma-3-270m", "smollm2-135m")
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_shipped_map_fitted_on_2000_analogies_and_validated_on_held_out_relations(model):
+def test_shipped_map_fitted_on_2000_analogies_and_chosen_on_relations_absent_from_the_basis(model):
     from ffv_eval.vectors.composite import load_composite_map
 
     cmap = load_composite_map(VECTORS_DIR / model / "basis")
     meta = cmap.metadata
-    assert meta["analogies"]["fitting"] >= 2000
-    held_out = set(meta["held_out_relations"])
-    assert held_out and held_out <= set(cmap.basis.names) and meta["analogies"]["validation"] > 0
-    assert meta["posterior"] == cmap.posterior_kind and cmap.posterior_kind in meta["metrics"]
-    for kind, metrics in meta["metrics"].items():  # what validation measured, for each posterior tried
-        for key in ("validation_unpatched", "validation_fitted_map"):
-            assert set(metrics[key]) == {"accuracy", "repeats_abc"}, (kind, key)
+    assert meta["analogies"]["final_fit"] >= 2000
+    held = meta["held_out_relations"]
+    choosing, reporting = set(held["choosing"]), set(held["reporting"])
+    assert choosing and reporting and not choosing & reporting and choosing | reporting <= set(cmap.basis.names)
+    validation = meta["validation"]
+    assert validation["basis_relations"] == len(cmap.basis.names) - len(choosing | reporting)
+    choice = meta["posterior_choice"]
+    assert (cmap.posterior_kind, cmap.top_k) == (choice["posterior"], choice["top_k"])
+    tried = validation["choosing"]["candidates"]
+    chosen = [t for t in tried if all(t[k] == choice[k] for k in ("posterior", "map", "top_k", "scale"))]
+    assert chosen and chosen[0]["accuracy"] == max(t["accuracy"] for t in tried)
+    for key in ("unpatched", "chosen"):  # what the held-out reporting relations measured
+        assert set(validation["reporting"][key]) == {"accuracy", "repeats_abc"}, key
+
+
+def test_keep_top_keeps_each_rows_k_largest_renormalised():
+    from ffv_eval.vectors.composite import keep_top
+
+    posterior = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.45, 0.0, 0.2, 0.35]])
+    assert torch.allclose(keep_top(posterior, 1), torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(keep_top(posterior, 2), torch.tensor([[0.0, 0.5 / 0.8, 0.3 / 0.8, 0.0], [0.45 / 0.8, 0.0, 0.0, 0.35 / 0.8]]))
+    assert torch.equal(keep_top(posterior, 0), posterior) and torch.equal(keep_top(posterior, 4), posterior)
+
+
+def test_a_map_keeps_its_top_k_through_the_file_and_a_bad_one_is_named(tmp_path):
+    from ffv_eval.vectors.basis import Basis
+    from ffv_eval.vectors.composite import CompositeMap, load_composite_map, save_composite_map
+    from ffv_eval.vectors.store import save_vector
+
+    basis = _tiny_basis(3)
+    basis = Basis(basis.names, basis.vectors, 1, "f" * 16, tmp_path)
+    for name, vector in zip(basis.names, basis.vectors):
+        save_vector(tmp_path / f"{name}.safetensors", vector, {"kind": "basis", "relation": name, "model_fingerprint": "f" * 16, "layer": 1})
+    save_composite_map(CompositeMap(basis, torch.eye(3) * 2, torch.zeros(3), 1.0, top_k=1), "tiny")
+    loaded = load_composite_map(tmp_path, "f" * 16)
+    assert loaded.top_k == 1
+    log_probs = torch.tensor([[-1.0, -3.0, -2.0, -5.0]])  # three relations and the no-vector column
+    assert torch.equal(loaded.posterior(log_probs), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.allclose(loaded.vectors(loaded.posterior(log_probs)), 2 * basis.vectors[0][None])
+    side = tmp_path / "composite.json"
+    side.write_text(side.read_text().replace('"top_k": 1', '"top_k": -2'))
+    with pytest.raises(BasisError, match=r"composite.json: field 'top_k' is -2, expected a whole number >= 0"):
+        load_composite_map(tmp_path, "f" * 16)
+
+
+@pytest.mark.parametrize(("settings", "message"), [({"top_k": (-1,)}, r"top_k \[-1\]: expected whole numbers >= 0"),
+                                                  ({"top_k": ()}, "top_k"), ({"scales": (1.0, 0.0)}, r"scales \[1.0, 0.0\]"),
+                                                  ({"posterior": "sharp"}, "posterior='sharp'"), ({"map": "linear"}, "map='linear'")])
+def test_bad_map_settings_fail_when_made_before_any_model_work(settings, message):
+    from ffv_eval.vectors.composite_fit import MapSettings
+
+    with pytest.raises(BasisError, match=message):
+        MapSettings(**settings)

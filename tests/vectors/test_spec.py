@@ -8,8 +8,7 @@ import os
 import pytest
 
 from ffv_eval.vectors.library import BARE_NAME_KINDS, KINDS
-from ffv_eval.vectors.spec import (AUTO, COMPOSITE, EACH_RELATION, FILE, NAME, NONE, VectorNameError, VectorSpec,
-                                   VectorTaskMismatch)
+from ffv_eval.vectors.spec import AUTO, COMPOSITE, EACH_RELATION, FILE, NAME, NONE, VectorNameError, VectorSpec, VectorTaskMismatch
 
 
 @pytest.mark.parametrize("value, form, kind, relation, path", [
@@ -73,7 +72,8 @@ def test_auto_gives_relation_tasks_their_ffv_and_analogy_tasks_a_cfv():
     assert auto.for_task("relation_antonym", docs_have_source_pair=True) == VectorSpec.parse("ffv:antonym")
     assert auto.for_task("u2_analogy", docs_have_source_pair=True) == VectorSpec.parse("cfv")
     with pytest.raises(VectorTaskMismatch, match=r"vector=auto: task hellaswag has no vector of its own: it is not a "
-                                                 r"relation_<name> task .* kinds fv, ffv, ffv-random\); vector=none runs it unpatched"):
+                                                 r"relation_<name> task .* kinds fv, ffv, ffv-first-token, ffv-random\); "
+                                                 r"vector=none runs it unpatched"):
         auto.for_task("hellaswag", docs_have_source_pair=False)
 
 

@@ -1,0 +1,214 @@
+"""The figures of docs/results.md, generated from the committed results so that no sentence can
+contradict them: each block between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` is
+rebuilt from the files it names (the leaderboards' lm-eval results, each basis's composite.json,
+the alignment reports). `python -m ffv_eval.reports.results_page` rewrites the blocks;
+`--check` exits 1, naming the blocks, when the page and the results disagree (the test suite
+runs the check).
+
+Blocks:
+    relations       per model, the mean over the relation tasks of each condition, and the
+                    FFV against each other condition task by task, paired over the same
+                    questions where both runs logged samples
+    analogies       per model and task, unpatched against the CFV: each metric's paired gain,
+                    95% bootstrap interval and McNemar p (the analogies leaderboard's rows)
+    overlap         per model and analogy task, the test documents sharing a word pair with
+                    the CFV's training pairs, as the run recorded it
+    cfv_settings    per model, how the CFV's settings were chosen on relations held out of the
+                    basis, and what they gave on the other held-out relations
+    alignment       per model, FV and FFV against human relational-similarity judgments"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ffv_eval import VECTORS_DIR
+from ffv_eval.files.atomic import atomic_write_text
+from ffv_eval.reports.leaderboard_render import metric_label
+from ffv_eval.reports.leaderboard_results import Leaderboard, build_leaderboard, compare_runs
+from ffv_eval.reports.paired import signed_interval
+
+ROOT = VECTORS_DIR.parent
+PAGE = ROOT / "docs" / "results.md"
+RELATIONS_RESULTS = ROOT / "leaderboards" / "results" / "relations"
+ANALOGY_RESULTS = ROOT / "leaderboards" / "results" / "analogies"
+MODELS = ("gemma-3-270m", "smollm2-135m")
+ANALOGY_METRICS = ("acc", "acc_norm", "acc_d", "top_answer", "repeats_abc")
+BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _p(value: float) -> str:
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.0e}"
+
+
+def relations_block(board: Leaderboard) -> str:
+    """Mean score per model and condition over the relation tasks every condition has, and the
+    FFV against each other condition, task by task and paired over questions where possible."""
+    cells = board.by_cell()
+    out = []
+    for model in board.models:
+        conditions = [c for m, c in board.rows() if m == model]
+        tasks = [t for t in board.tasks if all((model, c, t) in cells for c in conditions)]
+        out.append(f"**{model}**, {len(tasks)} relations, test pairs of the project's data:\n")
+        rows = []
+        for condition in conditions:
+            scores = [cells[(model, condition, t)].value for t in tasks]
+            rows.append([condition, f"{statistics.fmean(scores):.3f}", *_versus(cells, model, "ffv", condition, tasks)])
+        out.append(_table(["condition", "mean exact match", "FFV ahead / behind (tasks)", "FFV minus it, pooled over questions [95% CI]", "p"],
+                          rows))
+    return "\n".join(out)
+
+
+def _versus(cells, model: str, ours: str, other: str, tasks: Sequence[str]) -> list:
+    """[ahead / behind counts, pooled paired gain with interval, p] of `ours` against `other`."""
+    from ffv_eval.reports.paired import paired_gain
+
+    if ours == other or (model, ours, tasks[0]) not in cells:
+        return ["", "", ""]
+    mine = [cells[(model, ours, t)].value for t in tasks]
+    theirs = [cells[(model, other, t)].value for t in tasks]
+    counts = f"{sum(a > b for a, b in zip(mine, theirs))} / {sum(a < b for a, b in zip(mine, theirs))}"
+    treated, base = [], []
+    for t in tasks:
+        a, b = cells[(model, ours, t)], cells[(model, other, t)]
+        rows = [r for r in compare_runs(a, b) if r.metric == a.metric]
+        if not rows or rows[0].paired is None:
+            return [counts, "not paired: a run without per-question samples", ""]
+        outcomes = _paired_values(a, b)
+        treated += outcomes[0]
+        base += outcomes[1]
+    gain = paired_gain(treated, base)
+    return [counts, f"{signed_interval(gain.mean_gain, gain.ci95)} (n = {gain.n})", _p(gain.p_value)]
+
+
+def _paired_values(a, b) -> tuple[list[float], list[float]]:
+    from ffv_eval.reports.leaderboard_results import read_outcomes
+    from ffv_eval.reports.paired import match_outcomes
+
+    treated, base = match_outcomes(read_outcomes(a)[a.metric], read_outcomes(b)[b.metric])
+    return list(treated), list(base)
+
+
+def analogies_block(board: Leaderboard) -> str:
+    rows = []
+    for row in board.paired_gains:
+        if row.patched.condition != "cfv" or row.metric not in ANALOGY_METRICS:
+            continue
+        p = row.patched
+        interval = signed_interval(row.gain, row.paired.ci95) if row.paired else row.note
+        rows.append([p.model, f"{p.task} ({p.n_samples})", metric_label(row), f"{row.unpatched.scores[row.metric]:.3f}",
+                     f"{p.scores[row.metric]:.3f}", interval, _p(row.paired.p_value) if row.paired else ""])
+    return _table(["model", "task (n)", "metric", "unpatched", "CFV", "gain [95% CI]", "p"], rows)
+
+
+def overlap_block(board: Leaderboard) -> str:
+    rows = [[e.model, e.task, e.vector.overlap_text()] for e in board.entries if e.condition == "cfv" and e.vector is not None]
+    return _table(["model", "task", "test documents sharing a pair with the CFV's training pairs"], rows)
+
+
+def cfv_settings_block(models: Sequence[str] = MODELS, vectors_dir: Path = VECTORS_DIR) -> str:
+    out = []
+    for model in models:
+        meta = json.loads((vectors_dir / model / "basis" / "composite.json").read_text())
+        choice, validation = meta["posterior_choice"], meta.get("validation")
+        setting = f"{choice['posterior']} posterior, {choice['map']} map, top_k {choice['top_k']}, scale {choice['scale']:g}"
+        if not validation:
+            out.append(f"**{model}** ({len(meta['basis'])} basis relations): {setting}, chosen by {choice['by']}.\n")
+            continue
+        choosing, reporting = validation["choosing"], validation["reporting"]
+        best = max(choosing["candidates"], key=lambda c: c["accuracy"])
+        out.append(f"**{model}** ({len(meta['basis'])} basis relations; while choosing, the basis held "
+                   f"{validation['basis_relations']}): {setting}. Chosen among {len(choosing['candidates'])} candidates on "
+                   f"{choosing['analogies']} analogies of {len(choosing['relations'])} relations absent from the basis "
+                   f"(first-token accuracy of D: unpatched {choosing['unpatched']['accuracy']:.3f}, chosen {best['accuracy']:.3f}); "
+                   f"reported on {reporting['analogies']} analogies of {len(reporting['relations'])} other absent relations:\n")
+        rows = [["unpatched", f"{reporting['unpatched']['accuracy']:.3f}", f"{reporting['unpatched']['repeats_abc']:.3f}"],
+                ["chosen", f"{reporting['chosen']['accuracy']:.3f}", f"{reporting['chosen']['repeats_abc']:.3f}"]]
+        if reporting.get("paper"):
+            rows.append(["the paper's (softmax, fitted map)", f"{reporting['paper']['accuracy']:.3f}", f"{reporting['paper']['repeats_abc']:.3f}"])
+        out.append(_table(["reporting relations", "first-token accuracy of D", "repeats A, B or C"], rows))
+        tried = sorted(choosing["candidates"], key=lambda c: -c["accuracy"])
+        out.append("<details><summary>every candidate, on the choosing relations</summary>\n\n" + _table(
+            ["posterior", "map", "top_k", "scale", "accuracy", "repeats A, B or C"],
+            [[c["posterior"], c["map"], c["top_k"], f"{c['scale']:g}", f"{c['accuracy']:.3f}", f"{c['repeats_abc']:.3f}"] for c in tried])
+            + "\n</details>\n")
+    return "\n".join(out)
+
+
+def alignment_block(models: Sequence[str] = MODELS, leaderboards: Path = ROOT / "leaderboards") -> str:
+    rows = []
+    for model in models:
+        sets = json.loads((leaderboards / f"alignment-{model}.json").read_text())["sets"]
+        for kind, figures in sets.items():
+            relsim, semeval = figures["relsim"], figures["semeval_prototypicality"]
+            rows.append([model, kind.upper(), f"{relsim['spearman']:.3f} [{relsim['ci95'][0]:.3f}, {relsim['ci95'][1]:.3f}]",
+                         f"{semeval['mean_spearman']:.3f} [{semeval['ci95'][0]:.3f}, {semeval['ci95'][1]:.3f}]"])
+    return _table(["model", "vectors", "relsim Spearman [95% CI]", "SemEval prototypicality Spearman [95% CI]"], rows)
+
+
+def blocks() -> dict[str, Callable[[], str]]:
+    """Block name -> what builds it (boards are read once, lazily)."""
+    boards: dict[Path, Leaderboard] = {}
+
+    def board(path: Path) -> Leaderboard:
+        if path not in boards:
+            boards[path] = build_leaderboard([path])
+        return boards[path]
+
+    return {"relations": lambda: relations_block(board(RELATIONS_RESULTS)),
+            "analogies": lambda: analogies_block(board(ANALOGY_RESULTS)),
+            "overlap": lambda: overlap_block(board(ANALOGY_RESULTS)),
+            "cfv_settings": cfv_settings_block,
+            "alignment": alignment_block}
+
+
+def render(text: str, builders: dict[str, Callable[[], str]] | None = None) -> tuple[str, list[str]]:
+    """`text` with every generated block rebuilt, and the names of the blocks that changed. A
+    block with no builder is an error naming it."""
+    builders = builders or blocks()
+    changed = []
+
+    def rebuild(match: re.Match) -> str:
+        name = match["name"]
+        if name not in builders:
+            raise KeyError(f"{PAGE}: generated block '{name}' has no builder (known: {', '.join(builders)})")
+        body = builders[name]()
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(rebuild, text), changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page differs from the results (write nothing)")
+    parser.add_argument("--page", type=Path, default=PAGE)
+    args = parser.parse_args(argv)
+    text = args.page.read_text()
+    new, changed = render(text)
+    if args.check:
+        if changed:
+            print(f"{args.page}: generated blocks out of date: {', '.join(changed)}; run python -m ffv_eval.reports.results_page")
+            return 1
+        print(f"{args.page}: every generated block matches the results")
+        return 0
+    if changed:
+        atomic_write_text(args.page, new)
+    print(f"{args.page}: {'rewrote ' + ', '.join(changed) if changed else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
