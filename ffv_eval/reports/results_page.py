@@ -30,8 +30,8 @@ from pathlib import Path
 from ffv_eval import VECTORS_DIR
 from ffv_eval.files.atomic import atomic_write_text
 from ffv_eval.reports.leaderboard_render import metric_label
-from ffv_eval.reports.leaderboard_results import Leaderboard, build_leaderboard, compare_runs
-from ffv_eval.reports.paired import signed_interval
+from ffv_eval.reports.leaderboard_results import Leaderboard, build_leaderboard, read_outcomes
+from ffv_eval.reports.paired import PairingError, match_outcomes, paired_gain, signed_interval
 
 ROOT = VECTORS_DIR.parent
 PAGE = ROOT / "docs" / "results.md"
@@ -72,8 +72,6 @@ def relations_block(board: Leaderboard) -> str:
 
 def _versus(cells, model: str, ours: str, other: str, tasks: Sequence[str]) -> list:
     """[ahead / behind counts, pooled paired gain with interval, p] of `ours` against `other`."""
-    from ffv_eval.reports.paired import paired_gain
-
     if ours == other or (model, ours, tasks[0]) not in cells:
         return ["", "", ""]
     mine = [cells[(model, ours, t)].value for t in tasks]
@@ -82,22 +80,16 @@ def _versus(cells, model: str, ours: str, other: str, tasks: Sequence[str]) -> l
     treated, base = [], []
     for t in tasks:
         a, b = cells[(model, ours, t)], cells[(model, other, t)]
-        rows = [r for r in compare_runs(a, b) if r.metric == a.metric]
-        if not rows or rows[0].paired is None:
+        if a.samples is None or b.samples is None:
             return [counts, "not paired: a run without per-question samples", ""]
-        outcomes = _paired_values(a, b)
-        treated += outcomes[0]
-        base += outcomes[1]
+        try:  # each task's samples read once, matched question by question
+            mine_t, theirs_t = match_outcomes(read_outcomes(a)[a.metric], read_outcomes(b)[b.metric])
+        except PairingError as err:
+            return [counts, f"not paired: {err}", ""]
+        treated += list(mine_t)
+        base += list(theirs_t)
     gain = paired_gain(treated, base)
     return [counts, f"{signed_interval(gain.mean_gain, gain.ci95)} (n = {gain.n})", _p(gain.p_value)]
-
-
-def _paired_values(a, b) -> tuple[list[float], list[float]]:
-    from ffv_eval.reports.leaderboard_results import read_outcomes
-    from ffv_eval.reports.paired import match_outcomes
-
-    treated, base = match_outcomes(read_outcomes(a)[a.metric], read_outcomes(b)[b.metric])
-    return list(treated), list(base)
 
 
 def analogies_block(board: Leaderboard) -> str:
