@@ -105,7 +105,9 @@ def _basis_build(args) -> None:
                         MapSettings(**_given(steps=args.map_steps, stems_per_relation=args.stems_per_relation,
                                              targets_per_stem=args.targets_per_stem, posterior=args.posterior,
                                              map=args.map, top_k=args.top_k and tuple(args.top_k),
-                                             scales=args.scales and tuple(args.scales))),
+                                             scales=args.scales and tuple(args.scales),
+                                             question_sets=None if args.question_sets is None else tuple(args.question_sets),
+                                             questions_per_set=args.questions_per_set)),
                         args.max_relations, placement=placement_of(args), screen=not args.no_screen)
 
 
@@ -280,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or auto (default: the one validation on held-out relations supports)")
     p.add_argument("--top-k", type=int, nargs="+", metavar="K",
                    help="posterior sharpness tried with W = s I: keep each posterior's K most likely relations (0: all; default 0 1 3)")
-    p.add_argument("--scales", type=float, nargs="+", metavar="S", help="CFV scales s tried with W = s I (default 0.5 1 2)")
+    p.add_argument("--scales", type=float, nargs="+", metavar="S", help="CFV scales s tried with W = s I (default 0.25 0.5 1)")
+    p.add_argument("--question-sets", nargs="*", choices=["u2", "u4", "bats", "google"], metavar="SET",
+                   help="multiple-choice sets whose valid.jsonl questions choose the CFV settings by acc_d, where the data "
+                        "directory has them (default: u2 u4 bats google; none: held-out relations choose)")
+    p.add_argument("--questions-per-set", type=int, help="validation questions of each set (its first N; 0: all; default 100)")
     p.add_argument("--max-relations", type=int, help="use only the first N relations (for quick trials)")
     p.add_argument("--force", action="store_true", help="retrain every basis FFV")
     p.add_argument("--no-screen", action="store_true",

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from tqdm import tqdm
 
 from ffv_eval import DEFAULT_MODEL
 from ffv_eval.data.overlap import Overlap, PairScreen
@@ -120,6 +119,7 @@ class FFVPatchedLM(HFLM):
         self.patch_vector: torch.Tensor | None = None
         self._pending: list | None = None  # (vector, answer word) per request of the next _loglikelihood_tokens
         self._rows: dict[tuple, RowPlan] | None = None  # the rows of the HFLM loop now running
+        self._prompt_vectors: dict[tuple, torch.Tensor] | None = None  # generation with CFVs: each prompt's vector
         self._cache_table: str | None = None  # lm-eval's own table in a --use_cache file
         self.per_task: VectorSpec | None = None  # vector=auto or <kind>:*: each task's vector from spec.for_task
         self.per_task_vectors: dict[str, VectorRecord] = {}
@@ -411,23 +411,29 @@ class FFVPatchedLM(HFLM):
     def _generate_planned(self, requests, disable_tqdm: bool = False):
         if self.composite is None:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        # One CFV per source pair: generate each pair's requests with its own vector.
+        # Each request's own CFV in HFLM's batches: every row of a batch gets the vector of its
+        # prompt (found by the prompt's tokens, as HFLM encodes it). Prompts alike but patched
+        # differently go to later rounds, each through HFLM's loop on its own; usually one round.
         vectors = self._composite_vectors(requests)
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.doc["a"], r.doc["b"]), []).append(i)
+        rounds: list[tuple[dict[tuple, torch.Tensor], list[int]]] = []
+        for i, (request, vector) in enumerate(zip(requests, vectors)):
+            key = tuple(self.tok_batch_encode([request.args[0]])[0][0].tolist())
+            for plans, indices in rounds:  # noqa: B007 (the matching round's indices are appended to below)
+                if plans.get(key, vector) is vector:
+                    break
+            else:
+                plans, indices = {}, []
+                rounds.append((plans, indices))
+            plans[key] = vector
+            indices.append(i)
         results: list = [None] * len(requests)
-        batch_size = self.batch_size_per_gpu
         try:
-            if batch_size == "auto":  # detected once for the run, not once per source pair
-                self.batch_size_per_gpu = self._detect_batch_size()
-            for indices in tqdm(groups.values(), disable=disable_tqdm or self.rank != 0, desc="Generating with composite vectors"):
-                self.patch_vector = vectors[indices[0]]
-                for i, text in zip(indices, super().generate_until([requests[i] for i in indices], disable_tqdm=True)):
+            for plans, indices in rounds:
+                self._prompt_vectors = plans
+                for i, text in zip(indices, super().generate_until([requests[i] for i in indices], disable_tqdm=disable_tqdm)):
                     results[i] = text
         finally:
-            self.patch_vector = None
-            self.batch_size_per_gpu = batch_size
+            self._prompt_vectors = None
         return results
 
     # -- log-likelihood: HFLM's loop; each row patched at its own position ------------------
@@ -533,11 +539,19 @@ class FFVPatchedLM(HFLM):
 
     # -- generation: HFLM's own, patched at the last prompt token of the prefill step --------
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        if self.patch_vector is None:
+        vector = self.patch_vector
+        if self._prompt_vectors is not None:  # composite vectors: each row its prompt's own
+            mask = generation_kwargs.get("attention_mask")
+            rows = context.tolist() if mask is None else [
+                [t for t, keep in zip(row, row_mask) if keep] for row, row_mask in zip(context.tolist(), mask.tolist())]
+            if any(tuple(row) not in self._prompt_vectors for row in rows):
+                raise RuntimeError("ffv-patched: HFLM built a generation prompt that was not planned (truncated?)")
+            vector = torch.stack([self._prompt_vectors[tuple(row)].to(context.device, torch.float32) for row in rows])
+        if vector is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         generate = super()._model_generate
         return self.patcher.call_with_vector(lambda ids, **kwargs: generate(ids, max_length, stop, **kwargs), context,
-                                             layer=self.patch_layer, vector=self.patch_vector,
+                                             layer=self.patch_layer, vector=vector,
                                              positions=last_prompt_positions(context), **generation_kwargs)
 
 

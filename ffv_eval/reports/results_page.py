@@ -13,8 +13,9 @@ Blocks:
                     95% bootstrap interval and McNemar p (the analogies leaderboard's rows)
     overlap         per model and analogy task, the test documents sharing a word pair with
                     the CFV's training pairs, as the run recorded it
-    cfv_settings    per model, how the CFV's settings were chosen on relations held out of the
-                    basis, and what they gave on the other held-out relations
+    cfv_settings    per model, how the CFV's settings were chosen on validation data (the valid
+                    splits of the question sets, relations held out of the basis), and what they
+                    gave on the other held-out relations
     alignment       per model, FV and FFV against human relational-similarity judgments"""
 
 from __future__ import annotations
@@ -111,30 +112,53 @@ def overlap_block(board: Leaderboard) -> str:
 
 def cfv_settings_block(models: Sequence[str] = MODELS, vectors_dir: Path = VECTORS_DIR) -> str:
     out = []
+    key = ("posterior", "map", "top_k", "scale")
     for model in models:
         meta = json.loads((vectors_dir / model / "basis" / "composite.json").read_text())
-        choice, validation = meta["posterior_choice"], meta.get("validation")
+        choice, validation, questions = meta["posterior_choice"], meta.get("validation"), meta.get("validation_questions")
         setting = f"{choice['posterior']} posterior, {choice['map']} map, top_k {choice['top_k']}, scale {choice['scale']:g}"
-        if not validation:
+        if not validation and not questions:
             out.append(f"**{model}** ({len(meta['basis'])} basis relations): {setting}, chosen by {choice['by']}.\n")
             continue
-        choosing, reporting = validation["choosing"], validation["reporting"]
-        best = max(choosing["candidates"], key=lambda c: c["accuracy"])
-        out.append(f"**{model}** ({len(meta['basis'])} basis relations; while choosing, the basis held "
-                   f"{validation['basis_relations']}): {setting}. Chosen among {len(choosing['candidates'])} candidates on "
-                   f"{choosing['analogies']} analogies of {len(choosing['relations'])} relations absent from the basis "
-                   f"(first-token accuracy of D: unpatched {choosing['unpatched']['accuracy']:.3f}, chosen {best['accuracy']:.3f}); "
-                   f"reported on {reporting['analogies']} analogies of {len(reporting['relations'])} other absent relations:\n")
-        rows = [["unpatched", f"{reporting['unpatched']['accuracy']:.3f}", f"{reporting['unpatched']['repeats_abc']:.3f}"],
-                ["chosen", f"{reporting['chosen']['accuracy']:.3f}", f"{reporting['chosen']['repeats_abc']:.3f}"]]
-        if reporting.get("paper"):
-            rows.append(["the paper's (softmax, fitted map)", f"{reporting['paper']['accuracy']:.3f}", f"{reporting['paper']['repeats_abc']:.3f}"])
-        out.append(_table(["reporting relations", "first-token accuracy of D", "repeats A, B or C"], rows))
-        tried = sorted(choosing["candidates"], key=lambda c: -c["accuracy"])
-        out.append("<details><summary>every candidate, on the choosing relations</summary>\n\n" + _table(
-            ["posterior", "map", "top_k", "scale", "accuracy", "repeats A, B or C"],
-            [[c["posterior"], c["map"], c["top_k"], f"{c['scale']:g}", f"{c['accuracy']:.3f}", f"{c['repeats_abc']:.3f}"] for c in tried])
-            + "\n</details>\n")
+        out.append(f"**{model}** ({len(meta['basis'])} basis relations): {setting}, chosen by {choice['by']}.")
+        by_question = {tuple(c[k] for k in key): c["acc_d"] for c in questions["candidates"]} if questions else {}
+        if questions:
+            sets = questions["sets"]
+            chosen = by_question[tuple(choice[k] for k in key)]
+            counts = ", ".join(f"{name} {questions['questions'][name]}" for name in sets)
+            per_set = ", ".join(f"{name} {questions['unpatched'][name]:.3f} to {chosen[name]:.3f}" for name in sets)
+            out.append(f"On {sum(questions['questions'].values())} validation questions ({counts}; {questions['split']} splits), "
+                       f"mean acc_d over the sets: unpatched {questions['unpatched']['mean']:.3f}, chosen {chosen['mean']:.3f} "
+                       f"({per_set}).")
+        by_relation = {}
+        if validation:
+            choosing, reporting = validation["choosing"], validation["reporting"]
+            by_relation = {tuple(c[k] for k in key): c for c in choosing["candidates"]}
+            out.append(f"Held out of the basis (which then held {validation['basis_relations']} relations): "
+                       f"{choosing['analogies']} analogies of {len(choosing['relations'])} relations scored every candidate "
+                       f"(first-token accuracy of D, unpatched {choosing['unpatched']['accuracy']:.3f}); "
+                       f"{reporting['analogies']} analogies of {len(reporting['relations'])} other relations report the choice:\n")
+            rows = [["unpatched", f"{reporting['unpatched']['accuracy']:.3f}", f"{reporting['unpatched']['repeats_abc']:.3f}"],
+                    ["chosen", f"{reporting['chosen']['accuracy']:.3f}", f"{reporting['chosen']['repeats_abc']:.3f}"]]
+            if reporting.get("paper"):
+                rows.append(["the paper's (softmax, fitted map)", f"{reporting['paper']['accuracy']:.3f}",
+                             f"{reporting['paper']['repeats_abc']:.3f}"])
+            out.append(_table(["reporting relations", "first-token accuracy of D", "repeats A, B or C"], rows))
+        sets = questions["sets"] if questions else []
+        names = list(dict.fromkeys([*by_question, *by_relation]))
+        names.sort(key=lambda n: (-by_question[n]["mean"] if n in by_question else 0.0, -by_relation[n]["accuracy"] if n in by_relation else 0.0))
+        header = ["posterior", "map", "top_k", "scale"] + (["acc_d, mean of sets", *sets] if sets else []) + (
+            ["relations: accuracy", "repeats A, B or C"] if by_relation else [])
+        rows = []
+        for n in names:
+            row = [n[0], n[1], n[2], f"{n[3]:g}"]
+            if sets:
+                row += [f"{by_question[n][x]:.3f}" for x in ("mean", *sets)] if n in by_question else [""] * (1 + len(sets))
+            if by_relation:
+                row += [f"{by_relation[n]['accuracy']:.3f}", f"{by_relation[n]['repeats_abc']:.3f}"] if n in by_relation else ["", ""]
+            rows.append(row)
+        out.append("<details><summary>every candidate, on the validation questions and the choosing relations</summary>\n\n"
+                   + _table(header, rows) + "\n</details>\n")
     return "\n".join(out)
 
 
@@ -155,9 +179,7 @@ def blocks() -> dict[str, Callable[[], str]]:
 
     def board(path: Path) -> Leaderboard:
         if path not in boards:
-            # the relation runs of before the results recorded a data source read "unrecorded"
-            # beside the newer "project": the same data, as leaderboards/README.md says
-            boards[path] = build_leaderboard([path], allow_mixed_versions=path == RELATIONS_RESULTS)
+            boards[path] = build_leaderboard([path])
         return boards[path]
 
     return {"relations": lambda: relations_block(board(RELATIONS_RESULTS)),

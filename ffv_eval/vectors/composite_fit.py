@@ -26,6 +26,7 @@ from ffv_eval.models.tokens import answer_token_id, encode_prompts, pad_id_of, r
 from ffv_eval.progress import no_progress
 from ffv_eval.vectors.basis import Basis, BasisError
 from ffv_eval.vectors.composite import POSTERIORS, CompositeMap, basis_logprobs, check_words, posterior_scores, relation_gains
+from ffv_eval.vectors.composite_questions import VALIDATION_SETS, ChoiceQuestion, QuestionScorer
 from ffv_eval.vectors.scoring import answer_log_probs
 
 
@@ -49,8 +50,12 @@ class MapSettings:
     posterior: str = "auto"  # one of POSTERIORS, or "auto": the one validation supports
     map: str = "auto"  # "fitted" (the paper's), "identity" (W = s I, b = 0), or "auto": the one validation supports
     top_k: tuple[int, ...] = (0, 1, 3)  # posterior sharpness tried with W = s I: relations kept (0: all)
-    scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # CFV scales s tried with W = s I
+    scales: tuple[float, ...] = (0.25, 0.5, 1.0)  # CFV scales s tried with W = s I
     max_validation_analogies: int = 600  # per half of the held-out relations (a seeded sample)
+    # multiple-choice sets whose valid.jsonl questions choose the settings (acc_d), when the data
+    # directory has them, and how many of each (its first; 0: all)
+    question_sets: tuple[str, ...] = VALIDATION_SETS
+    questions_per_set: int = 100
     steps: int = 150
     batch_size: int = 16
     learning_rate: float = 0.02
@@ -67,6 +72,10 @@ class MapSettings:
             raise BasisError(f"top_k {list(self.top_k)}: expected whole numbers >= 0 (0 keeps every relation)")
         if not self.scales or any(not s > 0 for s in self.scales):
             raise BasisError(f"scales {list(self.scales)}: expected positive numbers")
+        if unknown := [name for name in self.question_sets if name not in VALIDATION_SETS]:
+            raise BasisError(f"question sets {unknown}: expected some of {', '.join(VALIDATION_SETS)} (sets with a valid split)")
+        if isinstance(self.questions_per_set, bool) or not isinstance(self.questions_per_set, int) or self.questions_per_set < 0:
+            raise BasisError(f"questions_per_set {self.questions_per_set!r}: expected a whole number >= 0 (0: every question)")
 
 
 @dataclass(frozen=True)
@@ -232,6 +241,7 @@ def fit_composite_map(
     analogies: Sequence[Analogy],
     settings: MapSettings = MapSettings(),
     progress: Callable[[str], None] = no_progress,
+    questions: Sequence[ChoiceQuestion] = (),
 ) -> CompositeMap:
     """Choose how a posterior becomes a CFV, then fit that on every analogy and the whole basis.
 
@@ -242,8 +252,12 @@ def fit_composite_map(
     the model completes C) on the analogies of one half of the held-out relations; the best one
     (ties to the paper's softmax and fitted map) is then reported, beside unpatched and the
     paper's choice, on the other half. Without held-out relations (or with one candidate) the
-    settings decide. The chosen candidate is finally fitted on all analogies with the full
-    basis: that map is returned, its metadata holding every figure."""
+    settings decide. With validation `questions` (multiple-choice analogies, the valid splits
+    of the question sets), every candidate is also fitted on all analogies with the full basis
+    and scored by acc_d on them; the best mean over the question sets chooses instead (ties: the
+    held-out relations' accuracy, then the paper's choice). The chosen candidate is finally
+    fitted on all analogies with the full basis: that map is returned, its metadata holding
+    every figure."""
     if not analogies:
         raise BasisError("no training analogies: every basis relation has fewer than two spare pairs")
     for x in analogies:
@@ -295,18 +309,54 @@ def fit_composite_map(
             "reporting": {"relations": reporting, "analogies": len(report), **reported},
         }
     final = _Fit(patcher, tokenizer, basis, log_probs, row, analogies, settings, progress)
+    by = ("first-token accuracy on held-out relations absent from the basis" if validation
+          else "settings" if len(candidates) == 1 else "no held-out relations: the paper's softmax and fitted map")
+    on_questions = None
+    if questions and len(candidates) > 1:
+        relation_accuracy = {c: m["accuracy"] for c, m in tried} if validation else {}
+        chosen, on_questions = _choose_on_questions(patcher, tokenizer, final, candidates, questions, relation_accuracy, progress)
+        by = (f"acc_d on the valid splits of {', '.join(on_questions['sets'])} (mean over the sets), ties by first-token "
+              f"accuracy on held-out relations absent from the basis")
     cmap = final.cmap(chosen)
     cmap.metadata = {
         "settings": dataclasses.asdict(settings),
-        "posterior_choice": {**dataclasses.asdict(chosen), "chosen": chosen.posterior,
-                             "by": "first-token accuracy on held-out relations absent from the basis" if validation
-                             else "settings" if len(candidates) == 1 else "no held-out relations: the paper's softmax and fitted map"},
+        "posterior_choice": {**dataclasses.asdict(chosen), "chosen": chosen.posterior, "by": by},
         "held_out_relations": {"choosing": choosing, "reporting": reporting},
         "analogies": {"fitting": len(fitting), "choosing": len(choose), "reporting": len(report),
                       "final_fit": len(analogies), "source_pairs": len(stems)},
         "validation": validation,
+        "validation_questions": on_questions,
     }
     return cmap
+
+
+def _choose_on_questions(patcher, tokenizer, final: _Fit, candidates: Sequence[Candidate], questions: Sequence[ChoiceQuestion],
+                         relation_accuracy: dict[Candidate, float], progress) -> tuple[Candidate, dict]:
+    """Every candidate fitted with the full basis on every analogy, scored by acc_d on the
+    validation questions (their CFVs from their own stems' posteriors): the best mean over the
+    question sets, ties by `relation_accuracy`, then the paper's choice."""
+    t = time.perf_counter()
+    stems = list(dict.fromkeys((q.a, q.b) for q in questions))
+    log_probs = basis_logprobs(patcher, tokenizer, final.basis, stems, with_baseline=True)
+    rows = log_probs[[stems.index((q.a, q.b)) for q in questions]]
+    vectors = []
+    for candidate in candidates:
+        cmap = final.cmap(candidate)
+        vectors.append(cmap.vectors(cmap.posterior(rows)))
+    scored = QuestionScorer(patcher, tokenizer, questions, final.basis.layer).acc_d([None, *vectors])
+    unpatched, results = scored[0], scored[1:]
+    for candidate, result in zip(candidates, results):
+        progress(f"[ffv]   {candidate}: validation acc_d {result['mean']:.3f} (unpatched {unpatched['mean']:.3f})")
+    best = max(range(len(candidates)), key=lambda i: (results[i]["mean"], relation_accuracy.get(candidates[i], -1.0),
+                                                      candidates[i].preference()))
+    sets = list(dict.fromkeys(q.source for q in questions))
+    progress(f"[ffv] chosen on {len(questions)} validation questions ({', '.join(sets)}): {candidates[best]}, acc_d "
+             f"{results[best]['mean']:.3f} against unpatched {unpatched['mean']:.3f} ({time.perf_counter() - t:.0f}s)")
+    return candidates[best], {
+        "sets": sets, "questions": {name: sum(q.source == name for q in questions) for name in sets}, "split": "valid",
+        "metric": "acc_d", "unpatched": unpatched,
+        "candidates": [{**dataclasses.asdict(c), "acc_d": r} for c, r in zip(candidates, results)],
+    }
 
 
 def _identity_map(n: int) -> tuple[torch.Tensor, torch.Tensor]:

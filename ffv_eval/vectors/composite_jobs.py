@@ -19,6 +19,7 @@ from ffv_eval.progress import show_progress
 from ffv_eval.vectors.basis import BasisSettings, build_basis
 from ffv_eval.vectors.composite import CompositeVectors, model_composite_map, save_composite_map
 from ffv_eval.vectors.composite_fit import MapSettings, fit_composite_map, training_analogies
+from ffv_eval.vectors.composite_questions import validation_questions
 from ffv_eval.vectors.library import TRAINING_PAIRS_FILE, basis_output_dir, composite_files, write_basis_training_pairs
 
 
@@ -59,7 +60,10 @@ def build_basis_and_map(model_name: str = DEFAULT_MODEL, data_dir=None, sources=
         progress(f"[ffv] basis ready: {len(basis.names)} relations in {directory} ({time.perf_counter() - t:.0f}s)")
         analogies = training_analogies(relations, basis_settings.n_pairs, map_settings.stems_per_relation,
                                        map_settings.targets_per_stem, map_settings.seed)
-        cmap = fit_composite_map(patcher, tokenizer, basis, analogies, map_settings, progress)
+        questions = validation_questions(data_dir, map_settings.question_sets, map_settings.questions_per_set) if data_dir else []
+        progress(f"[ffv] validation questions: {len(questions)} from the valid splits of "
+                 f"{', '.join(sorted({q.source for q in questions})) or 'no question set in the data directory'}")
+        cmap = fit_composite_map(patcher, tokenizer, basis, analogies, map_settings, progress, questions)
         cmap.metadata["training_analogies"] = {"source": "two spare pairs (not trained on) of one basis relation",
                                                "screened_test_sets": exclude.names if screen else [], "count": len(analogies)}
         cmap.metadata["training_pairs"] = TRAINING_PAIRS_FILE

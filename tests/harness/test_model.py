@@ -172,6 +172,55 @@ def test_generation_adds_the_vector_once_at_the_last_prompt_token(tmp_path):
     assert all(width == 1 and not step_hits for width, step_hits in steps)
 
 
+class _StemVectors:
+    """A stand-in for CompositeVectors: a fixed vector per source pair."""
+
+    def __init__(self, vectors, layer):
+        self.vectors, self.layer, self.prepared = vectors, layer, []
+
+    def prepare(self, stems, where=None):
+        self.prepared.append(list(stems))
+
+    def vector(self, a, b):
+        return self.vectors[(a, b)]
+
+
+def test_composite_generation_batches_source_pairs_and_patches_each_row_with_its_own(monkeypatch):
+    """vector=cfv generation runs HFLM's batches across source pairs (was: one generate call per
+    pair), each row with its own pair's vector: the same texts as each request alone with its
+    vector; the same prompt under two vectors goes to a second round."""
+    from ffv_eval.harness.model import FFVPatchedLM
+
+    lm = FFVPatchedLM(pretrained="gemma-3-270m", vector="none", batch_size=4)
+    hidden, layer = lm.patcher.adapter.hidden_size, 6
+    g = torch.Generator().manual_seed(0)
+    stems = [("hot", "cold"), ("big", "small"), ("up", "down")]
+    vectors = {stem: torch.randn(hidden, generator=g) * 40 for stem in stems}
+    docs = [stems[0], stems[1], stems[2], stems[0], stems[1], stems[1]]
+    contexts = [f"Q: {a}\nA: {b}\n\nQ: {c}\nA:" for (a, b), c in zip(docs, ["tall", "wet", "in", "fast", "old", "old"])]
+    contexts[5] = contexts[2]  # one prompt, two source pairs (another pair's vector)
+    requests = [Instance("generate_until", {"a": a, "b": b}, (c, {"until": ["\n"], "max_gen_toks": 5}), i)
+                for i, ((a, b), c) in enumerate(zip(docs, contexts))]
+    plain = lm.generate_until(requests)
+    calls = []
+    original = FFVPatchedLM._model_generate
+    monkeypatch.setattr(FFVPatchedLM, "_model_generate",
+                        lambda self, context, *a, **k: calls.append(context.shape[0]) or original(self, context, *a, **k))
+    lm.composite, lm.patch_layer, lm.patch_scale = _StemVectors(vectors, layer), layer, 1.0
+    try:
+        batched = lm._generate_planned(requests)  # (generate_until would first check the vectors' training data)
+    finally:
+        lm.composite = None
+    assert sorted(calls) == [1, 1, 4]  # round one: five requests in batches of 4; round two: the repeated prompt
+    alone = []
+    for request, stem in zip(requests, docs):
+        lm.patch_vector, lm.patch_layer = vectors[stem], layer
+        alone += lm.generate_until([request])
+    lm.patch_vector = lm.patch_layer = None
+    assert batched == alone
+    assert sum(b != p for b, p in zip(batched, plain)) >= 3  # the vectors changed the texts
+
+
 def test_generation_keeps_hflm_sampling_and_stopping(tmp_path):
     """A zero vector goes through the patched path and must change nothing: greedy and sampled
     generations (same seed), with stop sequences, equal `--model hf`."""

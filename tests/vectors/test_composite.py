@@ -272,6 +272,46 @@ def test_map_fit_holds_relations_out_and_keeps_what_validation_supports(tmp_path
         load_composite_map(tmp_path, "f" * 16)
 
 
+def test_validation_questions_choose_the_settings_by_acc_d(tmp_path):
+    """With validation questions, every candidate (fitted on all analogies, the full basis) is
+    scored by acc_d on them; the best mean over the question sets is the map returned, and its
+    recorded figure is what the returned map scores."""
+    from ffv_eval.vectors.basis import Basis
+    from ffv_eval.vectors.composite import basis_logprobs
+    from ffv_eval.vectors.composite_fit import Analogy, MapSettings, fit_composite_map
+    from ffv_eval.vectors.composite_questions import ChoiceQuestion, QuestionScorer
+
+    patcher, tok = Patcher(tiny_llama()), CharTokenizer()
+    basis = _tiny_basis(4)
+    basis = Basis(basis.names, basis.vectors * 4, 1, "f" * 16, tmp_path)
+    words = ["ab", "cd", "ef", "gh", "ij", "kl"]
+    analogies = [Analogy(a, b, c, d, f"r{k}") for k in range(4)
+                 for (a, b), (c, d) in zip(zip(words, words[k + 1:] + words), zip(words[1:], words[k + 2:] + words))]
+    questions = [ChoiceQuestion("u2", "ab", "ba", (("cd", "dc"), ("ef", "gh"), ("ij", "x")), 0),
+                 ChoiceQuestion("u2", "kl", "lk", (("mn", "op"), ("qr", "rq")), 1),
+                 ChoiceQuestion("google", "ab", "cd", (("ef", "gh"), ("ij", "ji"), ("kl", "k")), 0)]
+    messages = []
+    settings = MapSettings(steps=3, batch_size=4, held_out_relations=0.5, top_k=(0, 1), scales=(0.5, 4.0))
+    cmap = fit_composite_map(patcher, tok, basis, analogies, settings, messages.append, questions)
+    meta = cmap.metadata
+    on = meta["validation_questions"]
+    assert on["sets"] == ["u2", "google"] and on["questions"] == {"u2": 2, "google": 1} and on["split"] == "valid"
+    tried = on["candidates"]
+    assert len(tried) == 2 * (1 + 2 * 2) and all(set(t["acc_d"]) == {"u2", "google", "mean"} for t in tried)
+    choice = meta["posterior_choice"]
+    assert choice["by"].startswith("acc_d on the valid splits of u2, google")
+    key = ("posterior", "map", "top_k", "scale")
+    chosen = [t for t in tried if all(t[k] == choice[k] for k in key)][0]
+    assert chosen["acc_d"]["mean"] == max(t["acc_d"]["mean"] for t in tried)
+    # ties on the questions go to the held-out relations' accuracy
+    relation = {tuple(t[k] for k in key): t["accuracy"] for t in meta["validation"]["choosing"]["candidates"]}
+    tied = [tuple(t[k] for k in key) for t in tried if t["acc_d"]["mean"] == chosen["acc_d"]["mean"]]
+    assert relation[tuple(choice[k] for k in key)] == max(relation[t] for t in tied)
+    rows = basis_logprobs(patcher, tok, cmap.basis, [(q.a, q.b) for q in questions], with_baseline=True)
+    again = QuestionScorer(patcher, tok, questions, cmap.basis.layer).acc_d([None, cmap.vectors(cmap.posterior(rows))])
+    assert again[1] == chosen["acc_d"] and again[0] == on["unpatched"]
+
+
 # -- the shipped map --------------------------------------------------------------------------------
 MODELS = ("gemma-3-270m", "smollm2-135m")
 
@@ -292,7 +332,13 @@ def test_shipped_map_fitted_on_2000_analogies_and_chosen_on_relations_absent_fro
     assert (cmap.posterior_kind, cmap.top_k) == (choice["posterior"], choice["top_k"])
     tried = validation["choosing"]["candidates"]
     chosen = [t for t in tried if all(t[k] == choice[k] for k in ("posterior", "map", "top_k", "scale"))]
-    assert chosen and chosen[0]["accuracy"] == max(t["accuracy"] for t in tried)
+    on_questions = meta.get("validation_questions")
+    if on_questions:  # chosen by acc_d on the valid splits of the question sets
+        assert set(on_questions["sets"]) == {"u2", "u4", "bats", "google"} and on_questions["split"] == "valid"
+        by_questions = [t for t in on_questions["candidates"] if all(t[k] == choice[k] for k in ("posterior", "map", "top_k", "scale"))]
+        assert by_questions[0]["acc_d"]["mean"] == max(t["acc_d"]["mean"] for t in on_questions["candidates"])
+    else:
+        assert chosen and chosen[0]["accuracy"] == max(t["accuracy"] for t in tried)
     for key in ("unpatched", "chosen"):  # what the held-out reporting relations measured
         assert set(validation["reporting"][key]) == {"accuracy", "repeats_abc"}, key
 
@@ -329,9 +375,52 @@ def test_a_map_keeps_its_top_k_through_the_file_and_a_bad_one_is_named(tmp_path)
 
 @pytest.mark.parametrize(("settings", "message"), [({"top_k": (-1,)}, r"top_k \[-1\]: expected whole numbers >= 0"),
                                                   ({"top_k": ()}, "top_k"), ({"scales": (1.0, 0.0)}, r"scales \[1.0, 0.0\]"),
-                                                  ({"posterior": "sharp"}, "posterior='sharp'"), ({"map": "linear"}, "map='linear'")])
+                                                  ({"posterior": "sharp"}, "posterior='sharp'"), ({"map": "linear"}, "map='linear'"),
+                                                  ({"question_sets": ("sat",)}, r"question sets \['sat'\]: expected some of u2"),
+                                                  ({"questions_per_set": -1}, "questions_per_set -1")])
 def test_bad_map_settings_fail_when_made_before_any_model_work(settings, message):
     from ffv_eval.vectors.composite_fit import MapSettings
 
     with pytest.raises(BasisError, match=message):
         MapSettings(**settings)
+
+
+def test_question_scores_equal_a_plain_forward_with_the_vector_where_d_starts(monkeypatch):
+    """QuestionScorer's cached, batched scores of every choice under several settings equal one
+    plain forward per choice (prompt + D, the vector added by a hook at the prompt's last token),
+    and acc_d is the argmax per question, per set."""
+    from ffv_eval.models.tokens import encode_continuation
+    from ffv_eval.vectors import composite_questions
+    from ffv_eval.vectors.composite_questions import ChoiceQuestion, QuestionScorer
+
+    model, tok = tiny_llama(), CharTokenizer()
+    patcher, layer = Patcher(model), 1
+    questions = [ChoiceQuestion("u2", "ab", "ba", (("cd", "dc"), ("efg", "gf"), ("x", "yyy")), 0),
+                 ChoiceQuestion("bats", "hot", "cold", (("up", "down"), ("in", "o")), 1)]
+    settings = [None, torch.randn(2, 32) * 3, torch.randn(2, 32) * 3]
+    scorer = QuestionScorer(patcher, tok, questions, layer)
+    got = scorer.choice_scores(settings)
+    assert got.shape == (3, 5)
+    monkeypatch.setattr(composite_questions, "ROWS_PER_PASS", 1)  # one (choice, setting) row per pass: the same scores
+    assert torch.allclose(scorer.choice_scores(settings), got, atol=1e-5)
+    column = 0
+    for qi, q in enumerate(questions):
+        for c, d in q.choices:
+            context, answer = encode_continuation(tok, f"Q: {q.a}\nA: {q.b}\n\nQ: {c}\nA:", f" {d}")
+            for si, s in enumerate(settings):
+                def add(module, args, output, v=None if s is None else s[qi], at=len(context) - 1):
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    if v is not None:
+                        hidden[0, at] += v
+                handle = model.model.layers[layer].register_forward_hook(add)
+                try:
+                    logits = model(torch.tensor([context + answer[:-1]])).logits[0].detach().float().log_softmax(-1)
+                finally:
+                    handle.remove()
+                expected = sum(float(logits[len(context) - 1 + t, token]) for t, token in enumerate(answer))
+                assert float(got[si, column]) == pytest.approx(expected, abs=1e-4)
+            column += 1
+    for si, row in enumerate(scorer.acc_d(settings)):
+        u2 = float(int(got[si, :3].argmax()) == 0)
+        bats = float(int(got[si, 3:].argmax()) == 1)
+        assert row == {"u2": u2, "bats": bats, "mean": (u2 + bats) / 2}
