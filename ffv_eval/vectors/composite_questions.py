@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ffv_eval.data.analogies import analogy_questions_path, read_analogy_questions
+from ffv_eval.data.analogies import AnalogyDataError, analogy_questions_path, read_analogy_questions
 from ffv_eval.data.prompts import fewshot_prompt
 from ffv_eval.data.relations import WordPair
 from ffv_eval.models.loading import input_device
@@ -37,8 +37,9 @@ def validation_questions(data_dir, sets: Sequence[str] = VALIDATION_SETS, per_se
     file in the data directory are skipped (the caller reports which were used)."""
     out = []
     for name in sets:
-        path = analogy_questions_path(name, "valid", data_dir)
-        if not path.is_file():
+        try:
+            path = analogy_questions_path(name, "valid", data_dir)
+        except AnalogyDataError:  # the data directory has no valid split of this set (names are checked in MapSettings)
             continue
         rows = read_analogy_questions(path)
         for q in rows[: per_set or len(rows)]:

@@ -424,3 +424,17 @@ def test_question_scores_equal_a_plain_forward_with_the_vector_where_d_starts(mo
         u2 = float(int(got[si, :3].argmax()) == 0)
         bats = float(int(got[si, 3:].argmax()) == 1)
         assert row == {"u2": u2, "bats": bats, "mean": (u2 + bats) / 2}
+
+
+def test_validation_questions_skip_sets_without_a_valid_split(tmp_path):
+    """Only the sets whose valid.jsonl is in the data directory, each cut to its first per_set."""
+    from ffv_eval.vectors.composite_questions import ChoiceQuestion, validation_questions
+
+    folder = tmp_path / "analogy_questions" / "u2"
+    folder.mkdir(parents=True)
+    rows = [{"stem": ["hot", "cold"], "answer": 1, "choice": [["up", "up"], ["big", "small"]]},
+            {"stem": ["cat", "kitten"], "answer": 0, "choice": [["dog", "puppy"], ["cow", "milk"]]}]
+    (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert validation_questions(tmp_path, ("u2", "u4", "bats", "google"), per_set=1) == [
+        ChoiceQuestion("u2", "hot", "cold", (("up", "up"), ("big", "small")), 1)]
+    assert len(validation_questions(tmp_path, ("u2", "google"))) == 2
