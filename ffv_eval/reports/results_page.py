@@ -16,7 +16,9 @@ Blocks:
     cfv_settings    per model, how the CFV's settings were chosen on validation data (the valid
                     splits of the question sets, relations held out of the basis), and what they
                     gave on the other held-out relations
-    alignment       per model, FV and FFV against human relational-similarity judgments"""
+    alignment       per model, FV and FFV against human relational-similarity judgments
+    ffv_variants    per model, every FFV training variant tried on the relations' validation
+                    splits (research/ffv_training_variants.py), paired against the shipped FFVs"""
 
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ ROOT = VECTORS_DIR.parent
 PAGE = ROOT / "docs" / "results.md"
 RELATIONS_RESULTS = ROOT / "leaderboards" / "results" / "relations"
 ANALOGY_RESULTS = ROOT / "leaderboards" / "results" / "analogies"
+VARIANT_RESULTS = ROOT / "research" / "results"
+VARIANT_BASELINE = "shipped"  # the variants are paired against the shipped FFVs
 MODELS = ("gemma-3-270m", "smollm2-135m")
 ANALOGY_METRICS = ("acc", "acc_norm", "acc_d", "top_answer", "repeats_abc")
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
@@ -173,6 +177,50 @@ def alignment_block(models: Sequence[str] = MODELS, leaderboards: Path = ROOT / 
     return _table(["model", "vectors", "relsim Spearman [95% CI]", "SemEval prototypicality Spearman [95% CI]"], rows)
 
 
+def variant_file(model: str, directory: Path = VARIANT_RESULTS) -> Path:
+    return directory / f"ffv-variants-{model}.json"
+
+
+def _variant_outcomes(record: dict, base: dict, where: str) -> list[float]:
+    """A variant's 0/1 outcomes in the baseline's order of relations and questions."""
+    if record["relations"].keys() != base.keys() or any(
+            len(record["relations"][r]["correct"]) != len(base[r]["correct"]) for r in base):
+        raise PairingError(f"{where} scored other relations or questions than '{VARIANT_BASELINE}'")
+    return [x for r in base for x in record["relations"][r]["correct"]]
+
+
+def ffv_variants_block(models: Sequence[str] = MODELS, directory: Path = VARIANT_RESULTS) -> str:
+    """Per model with a variants file: each variant's mean over the relations, and its gain over
+    the shipped FFVs paired over the same validation questions."""
+    out = []
+    for model in models:
+        path = variant_file(model, directory)
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        variants = data["variants"]
+        if VARIANT_BASELINE not in variants:
+            raise PairingError(f"{path}: no '{VARIANT_BASELINE}' variant to pair the others against")
+        base = variants[VARIANT_BASELINE]["relations"]
+        outcomes = {name: _variant_outcomes(record, base, f"{path}: variant '{name}'") for name, record in variants.items()}
+        rows = []
+        for name, record in sorted(variants.items(), key=lambda kv: -statistics.mean(outcomes[kv[0]])):
+            values = outcomes[name]
+            settings = ", ".join(f"{k} {'all' if k == 'n_pairs' and v >= 1000 else v}" for k, v in record["settings"].items())
+            row = [name, settings or "(defaults)" if name not in ("shipped", "10-shot") else "(reference)",
+                   f"{statistics.mean(values):.3f}"]
+            if name == VARIANT_BASELINE:
+                row += ["", ""]
+            else:
+                gain = paired_gain(values, outcomes[VARIANT_BASELINE])
+                row += [signed_interval(gain.mean_gain, gain.ci95), _p(gain.p_value)]
+            rows.append(row + [f"{record['train_seconds']:.0f}" if record["train_seconds"] else ""])
+        n = len(outcomes[VARIANT_BASELINE])
+        out.append(f"**{model}**, {len(base)} relations, {n} validation questions ({data['metric']}):\n")
+        out.append(_table(["variant", "settings changed", "mean", f"minus {VARIANT_BASELINE} [95% CI]", "p", "training s"], rows))
+    return "\n".join(out)
+
+
 def blocks() -> dict[str, Callable[[], str]]:
     """Block name -> what builds it (boards are read once, lazily)."""
     boards: dict[Path, Leaderboard] = {}
@@ -186,7 +234,8 @@ def blocks() -> dict[str, Callable[[], str]]:
             "analogies": lambda: analogies_block(board(ANALOGY_RESULTS)),
             "overlap": lambda: overlap_block(board(ANALOGY_RESULTS)),
             "cfv_settings": cfv_settings_block,
-            "alignment": alignment_block}
+            "alignment": alignment_block,
+            "ffv_variants": ffv_variants_block}
 
 
 def render(text: str, builders: dict[str, Callable[[], str]] | None = None) -> tuple[str, list[str]]:

@@ -35,10 +35,10 @@ from ffv_eval.data.prompts import answer_text, query_text
 from ffv_eval.errors import TokenizationError
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
-from ffv_eval.models.tokens import answer_token_id, encode_continuation
+from ffv_eval.models.tokens import answer_token_id, encode_continuation, pad_id_of
 from ffv_eval.vectors.basis import Basis, BasisError, load_basis
 from ffv_eval.vectors.library import composite_files, find_basis_dir, read_composite_metadata, read_composite_tensors, write_composite_map
-from ffv_eval.vectors.scoring import answer_log_probs
+from ffv_eval.vectors.scoring import cached_tail_log_probs
 
 POSTERIORS = ("softmax", "calibrated")
 
@@ -80,49 +80,27 @@ def check_words(tokenizer, words: Sequence[str], prompt: str, answer: str, where
         raise BasisError(f"{where}: the basis cannot encode {answer!r}: {err}") from err
 
 
-ROWS_PER_PASS = 512  # (source pair, basis vector) rows run through the model together
-
-
 @torch.no_grad()
 def basis_logprobs(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tuple[str, str]],
                    with_baseline: bool = False) -> torch.Tensor:
     """[N, R] (with_baseline: [N, R + 1], the last column without a vector): log P(B's first
     token | `Q: A\nA:` + FFV_r) for each stem (A, B) and basis relation r. Exact and batched
-    across stems: stems whose prompts have the same number of tokens run together, their prompts
-    before the last token once (key/value cache), then the last token once per basis vector
-    (all at the basis layer), ROWS_PER_PASS rows at a time, unembedded LOGIT_ROWS rows at a
-    time (vectors.scoring.answer_log_probs)."""
+    across stems and relations (vectors.scoring.cached_tail_log_probs: each prompt before its
+    last token once, then its last token once per basis vector, at the basis layer)."""
     device = input_device(patcher.model)
     vectors = basis.vectors.to(device, torch.float32)
     if with_baseline:
         vectors = torch.cat([vectors, torch.zeros(1, vectors.shape[1], dtype=torch.float32, device=device)])
-    n = vectors.shape[0]
-    encoded = []
+    contexts, answers = [], []
     for a, b in stems:
         context, answer = encode_continuation(tokenizer, query_text(a), answer_text(b))
         if not answer:
             raise BasisError(f"source pair {a}:{b}: the basis cannot encode {b!r}: it encodes to no tokens")
-        encoded.append((context, answer[0]))
-    by_length: dict[int, list[int]] = {}
-    for i, (context, _) in enumerate(encoded):
-        by_length.setdefault(len(context), []).append(i)
+        contexts.append(context)
+        answers.append(answer[:1])
     # float32: log-probabilities (see answer_log_probs); the posterior is a softmax over them.
-    out = torch.zeros(len(stems), n, dtype=torch.float32, device=device)
-    base = patcher.adapter.base_model()
-    group = max(1, ROWS_PER_PASS // n)
-    for indices in by_length.values():
-        for start in range(0, len(indices), group):
-            chunk = indices[start : start + group]
-            ids = torch.tensor([encoded[i][0] for i in chunk], dtype=torch.long, device=device)
-            cache = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
-            cache.batch_repeat_interleave(n)
-            hidden = patcher.final_hidden(ids[:, -1:].repeat_interleave(n, 0), None, layer=basis.layer,
-                                          vector=vectors.repeat(len(chunk), 1),
-                                          positions=torch.zeros(len(chunk) * n, dtype=torch.long, device=device),
-                                          past_key_values=cache, use_cache=True)
-            answers = torch.tensor([encoded[i][1] for i in chunk], dtype=torch.long, device=device).repeat_interleave(n)
-            out[chunk] = answer_log_probs(patcher.adapter, hidden[:, 0], answers)[0].to(device).view(len(chunk), n)
-    return out
+    return cached_tail_log_probs(patcher, basis.layer, contexts, answers, vectors.shape[0],
+                                 lambda chunk: vectors[None].expand(len(chunk), *vectors.shape), pad_id_of(tokenizer))
 
 
 def relation_gains(log_probs: torch.Tensor) -> torch.Tensor:

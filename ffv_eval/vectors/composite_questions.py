@@ -16,11 +16,10 @@ from ffv_eval.data.prompts import fewshot_prompt
 from ffv_eval.data.relations import WordPair
 from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
-from ffv_eval.models.tokens import encode_answers, pad_id_of, right_pad
-from ffv_eval.vectors.scoring import answer_log_probs
+from ffv_eval.models.tokens import encode_answers, pad_id_of
+from ffv_eval.vectors.scoring import cached_tail_log_probs
 
 VALIDATION_SETS = ("u2", "u4", "bats", "google")  # the multiple-choice sets with a valid.jsonl split
-ROWS_PER_PASS = 512  # (choice, candidate) rows run through the model together
 
 
 @dataclass(frozen=True)
@@ -66,49 +65,19 @@ class QuestionScorer:
         their mean over sets ("mean")."""
         return [self._accuracy(row.cpu()) for row in self.choice_scores(settings)]
 
-    @torch.no_grad()
     def choice_scores(self, settings: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """[settings, choices]: log P(D | `Q: A\nA: B\n\nQ: C\nA:`) of every choice (question by
-        question) with its question's vector of each setting (None: unpatched), float32."""
+        question) with its question's vector of each setting (None: unpatched), float32
+        (vectors.scoring.cached_tail_log_probs)."""
         device = input_device(self.patcher.model)
         hidden = self.patcher.adapter.hidden_size
         # float32 vectors; the Patcher casts them to the hidden state's dtype where it adds them.
         stacked = torch.stack([torch.zeros(len(self.questions), hidden, device=device) if s is None else s.to(device, torch.float32)
                                for s in settings])  # [settings, questions, hidden]
-        n = len(settings)
-        scores = torch.zeros(n, len(self.contexts), dtype=torch.float32, device=device)
-        by_length: dict[int, list[int]] = {}
-        for i, context in enumerate(self.contexts):
-            by_length.setdefault(len(context), []).append(i)
-        base = self.patcher.adapter.base_model()
-        group = max(1, ROWS_PER_PASS // n)
-        for indices in by_length.values():
-            for start in range(0, len(indices), group):
-                chunk = indices[start : start + group]
-                ids = torch.tensor([self.contexts[i] for i in chunk], dtype=torch.long, device=device)
-                cache = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
-                cache.batch_repeat_interleave(n)
-                # the prompt's last token, then D's tokens but the last, right-padded (pads come
-                # after every real token, so no mask is needed): row (choice, setting)
-                tails = [[self.contexts[i][-1], *self.answers[i][:-1]] for i in chunk]
-                tail_ids, _, _ = right_pad(tails, self.pad, device)
-                tail_ids = tail_ids.repeat_interleave(n, 0)
-                questions = torch.tensor([self.question_of[i] for i in chunk], dtype=torch.long, device=device)
-                vectors = stacked[:, questions].transpose(0, 1).reshape(len(chunk) * n, hidden)
-                out = self.patcher.final_hidden(tail_ids, None, layer=self.layer, vector=vectors,
-                                                positions=torch.zeros(len(chunk) * n, dtype=torch.long, device=device),
-                                                past_key_values=cache, use_cache=True)
-                rows = torch.tensor([r for r, i in enumerate(chunk) for _ in self.answers[i]], dtype=torch.long, device=device)
-                steps = torch.tensor([t for i in chunk for t in range(len(self.answers[i]))], dtype=torch.long, device=device)
-                tokens = torch.tensor([t for i in chunk for t in self.answers[i]], dtype=torch.long, device=device)
-                # every (token, setting): rows of `out` are (choice, setting), choice-major
-                flat_rows = (rows[:, None] * n + torch.arange(n, device=device)).reshape(-1)
-                log_prob, _ = answer_log_probs(self.patcher.adapter, out[flat_rows, steps.repeat_interleave(n)],
-                                               tokens.repeat_interleave(n))  # float32
-                per_choice = torch.zeros(len(chunk) * n, dtype=torch.float32, device=device).index_add(
-                    0, flat_rows, log_prob.to(device))
-                scores[:, chunk] = per_choice.view(len(chunk), n).T
-        return scores
+        question_of = torch.tensor(self.question_of, dtype=torch.long, device=device)
+        scores = cached_tail_log_probs(self.patcher, self.layer, self.contexts, self.answers, len(settings),
+                                       lambda chunk: stacked[:, question_of[chunk]].transpose(0, 1), self.pad)
+        return scores.T
 
     def _accuracy(self, scores: torch.Tensor) -> dict[str, float]:
         hits: dict[str, list[float]] = {}

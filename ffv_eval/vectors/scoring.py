@@ -1,9 +1,11 @@
 """Scoring answers under a (patched) model: the log-probability of each answer's first token and
-whether it is the most likely next token, unembedding a bounded number of rows at a time."""
+whether it is the most likely next token, unembedding a bounded number of rows at a time; and
+whole answers after shared prompts under many vectors at once (cached_tail_log_probs, for the
+CFV posterior and the CFV settings' validation questions)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -19,6 +21,7 @@ from ffv_eval.models.tokens import encode_prompts, pad_id_of, right_pad
 # unembeds this many rows at a time. Not smaller: each call reads the whole unembedding matrix, so
 # on a CPU a 64-row budget made mediation's 73-row batches of gemma-3-270m 30% slower.
 LOGIT_ROWS = 128
+ROWS_PER_PASS = 512  # (prompt, vector) rows run through the model together in cached_tail_log_probs
 
 
 
@@ -48,6 +51,49 @@ def _chunk_log_probs(adapter, hidden: torch.Tensor, answers: torch.Tensor) -> tu
     answers = answers.to(logits.device)
     log_prob = logits.log_softmax(-1).gather(-1, answers[:, None])[:, 0]
     return log_prob, logits.argmax(-1)
+
+
+@torch.no_grad()
+def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                          n_vectors: int, vectors_of: Callable[[list[int]], torch.Tensor], pad_id: int) -> torch.Tensor:
+    """[prompts, n_vectors], float32: log P(answers[i] | contexts[i]), summed over the answer's
+    tokens (teacher-forced), with each of the prompt's vectors added after block `layer` at the
+    context's last token; `vectors_of(indices)` gives the vectors of those prompts, [len(indices),
+    n_vectors, hidden] float32 on the model's device. Exact and batched: prompts with the same
+    number of tokens run together, all but their last token once (key/value cache), then their
+    last token and the answer's tokens but the last once per vector, ROWS_PER_PASS rows at a
+    time."""
+    device = input_device(patcher.model)
+    n = n_vectors
+    scores = torch.zeros(len(contexts), n, dtype=torch.float32, device=device)
+    by_length: dict[int, list[int]] = {}
+    for i, context in enumerate(contexts):
+        by_length.setdefault(len(context), []).append(i)
+    base = patcher.adapter.base_model()
+    group = max(1, ROWS_PER_PASS // n)
+    for indices in by_length.values():
+        for start in range(0, len(indices), group):
+            chunk = indices[start : start + group]
+            ids = torch.tensor([contexts[i] for i in chunk], dtype=torch.long, device=device)
+            cache = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(n)
+            # the prompt's last token, then the answer's tokens but the last, right-padded (pads
+            # come after every real token, so no mask is needed): row (prompt, vector), prompt-major
+            tail_ids, _, _ = right_pad([[contexts[i][-1], *answers[i][:-1]] for i in chunk], pad_id, device)
+            vectors = vectors_of(chunk)
+            out = patcher.final_hidden(tail_ids.repeat_interleave(n, 0), None, layer=layer,
+                                       vector=vectors.reshape(len(chunk) * n, vectors.shape[-1]),
+                                       positions=torch.zeros(len(chunk) * n, dtype=torch.long, device=device),
+                                       past_key_values=cache, use_cache=True)
+            rows = torch.tensor([r for r, i in enumerate(chunk) for _ in answers[i]], dtype=torch.long, device=device)
+            steps = torch.tensor([t for i in chunk for t in range(len(answers[i]))], dtype=torch.long, device=device)
+            tokens = torch.tensor([t for i in chunk for t in answers[i]], dtype=torch.long, device=device)
+            flat_rows = (rows[:, None] * n + torch.arange(n, device=device)).reshape(-1)  # every (token, vector)
+            log_prob, _ = answer_log_probs(patcher.adapter, out[flat_rows, steps.repeat_interleave(n)],
+                                           tokens.repeat_interleave(n))  # float32
+            per_row = torch.zeros(len(chunk) * n, dtype=torch.float32, device=device).index_add(0, flat_rows, log_prob.to(device))
+            scores[chunk] = per_row.view(len(chunk), n)
+    return scores
 
 
 @torch.no_grad()

@@ -179,12 +179,12 @@ def _tiny_basis(n=5, seed=7):
 
 def test_batched_posterior_equals_one_source_pair_per_pass_and_its_baseline_is_unpatched(monkeypatch):
     from ffv_eval.models.tokens import encode_continuation
-    from ffv_eval.vectors import composite
+    from ffv_eval.vectors import composite, scoring
 
     patcher, tok, basis = Patcher(tiny_llama()), CharTokenizer(), _tiny_basis()
     stems = [("ab", "ba"), ("abc", "cd"), ("x", "yy"), ("cd", "dc"), ("efg", "h")]  # three prompt lengths
     batched = composite.basis_logprobs(patcher, tok, basis, stems, with_baseline=True)
-    monkeypatch.setattr(composite, "ROWS_PER_PASS", len(basis.names) + 1)  # one source pair per pass
+    monkeypatch.setattr(scoring, "ROWS_PER_PASS", len(basis.names) + 1)  # one source pair per pass
     alone = composite.basis_logprobs(patcher, tok, basis, stems, with_baseline=True)
     assert batched.shape == (5, 6) and torch.allclose(batched, alone, atol=1e-5)
     for i, (a, b) in enumerate(stems):  # the last column: a plain forward, no vector
@@ -390,7 +390,7 @@ def test_question_scores_equal_a_plain_forward_with_the_vector_where_d_starts(mo
     plain forward per choice (prompt + D, the vector added by a hook at the prompt's last token),
     and acc_d is the argmax per question, per set."""
     from ffv_eval.models.tokens import encode_continuation
-    from ffv_eval.vectors import composite_questions
+    from ffv_eval.vectors import scoring
     from ffv_eval.vectors.composite_questions import ChoiceQuestion, QuestionScorer
 
     model, tok = tiny_llama(), CharTokenizer()
@@ -401,7 +401,7 @@ def test_question_scores_equal_a_plain_forward_with_the_vector_where_d_starts(mo
     scorer = QuestionScorer(patcher, tok, questions, layer)
     got = scorer.choice_scores(settings)
     assert got.shape == (3, 5)
-    monkeypatch.setattr(composite_questions, "ROWS_PER_PASS", 1)  # one (choice, setting) row per pass: the same scores
+    monkeypatch.setattr(scoring, "ROWS_PER_PASS", 1)  # one (choice, setting) row per pass: the same scores
     assert torch.allclose(scorer.choice_scores(settings), got, atol=1e-5)
     column = 0
     for qi, q in enumerate(questions):

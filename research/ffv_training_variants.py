@@ -1,0 +1,159 @@
+"""FFV training variants, scored on the relations' validation splits only (issue 20).
+
+Each variant trains the FFVs of the project's relations from their shipped FVs, at their FVs'
+layers, with TrainingSettings changed as the variant says, and scores each vector as the
+`relation_<name>` tasks do (greedy generation after the zero-shot `Q: x\\nA:` prompt, the vector
+at the prompt's last token, the first generated word(s) against the answer), on the validation
+pairs, which no training sees. The shipped FFVs and 10-shot prompting (demonstrations drawn from
+the train split) are scored the same way as references. Test splits are never read.
+
+    python research/ffv_training_variants.py --model gemma-3-270m --variants shipped 10-shot pairs-all \\
+        --out research/results/ffv-variants-gemma-3-270m.json
+
+Each variant's figures are merged into the output file (run variants in separate processes and
+they land in one file). docs/results.md shows them, each variant paired against the shipped FFVs
+(`python -m ffv_eval.reports.results_page`, block ffv_variants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ffv_eval.data.prompts import fewshot_prompt, query_text
+from ffv_eval.data.relations import data_dir_from_env, load_project_relation, project_relations
+from ffv_eval.data.task_data import first_word_match
+from ffv_eval.data.test_sets import test_screen
+from ffv_eval.files.lock import cache_lock
+from ffv_eval.models.loading import input_device, load_model_and_tokenizer
+from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tokens import encode_answers, pad_id_of
+from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
+from ffv_eval.vectors.jobs import screened
+from ffv_eval.vectors.library import shipped_path
+from ffv_eval.vectors.store import load_vector
+
+ALL_PAIRS = 10_000  # n_pairs above any split: every screened training pair
+
+# name -> TrainingSettings fields changed from the defaults (n_pairs ALL_PAIRS: all of the train split)
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "pairs-all": {"n_pairs": ALL_PAIRS},
+    "pairs-all-steps-120": {"n_pairs": ALL_PAIRS, "steps": 120},
+    "pairs-all-batch-8": {"n_pairs": ALL_PAIRS, "batch_size": 8},
+    "steps-30": {"steps": 30},
+    "steps-120": {"steps": 120},
+    "l2-0.1": {"l2": 0.1},
+    "l2-0": {"l2": 0.0},
+    "lr-0.02": {"learning_rate": 0.02},
+    "pairs-all-l2-0.1": {"n_pairs": ALL_PAIRS, "l2": 0.1},
+    # "layer": every relation's FFV trained (from its FV) and added at this layer, not its FV's
+    "layer-4": {"layer": 4},
+    "layer-6": {"layer": 6},
+    "layer-8": {"layer": 8},
+}
+REFERENCES = ("shipped", "10-shot")
+MAX_NEW_TOKENS = 8  # as the relation tasks generate (tasks/relations/_relation_template_yaml)
+N_SHOT = 10
+
+
+def left_pad(rows, pad_id, device):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generations(patcher, tokenizer, prompts, layer=None, vector=None):
+    rows = encode_answers(tokenizer, prompts, ["x"] * len(prompts)).context_ids
+    ids, mask = left_pad(rows, pad_id_of(tokenizer), input_device(patcher.model))
+    out = patcher.generate(ids, layer=layer, vector=vector, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
+                           do_sample=False, pad_token_id=pad_id_of(tokenizer))
+    return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).split("\n")[0] for row in out]
+
+
+def score(texts, pairs):
+    return [first_word_match(t, p.output) for t, p in zip(texts, pairs)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--variants", nargs="*", default=[])
+    parser.add_argument("--relations", nargs="*", default=None)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS and v not in REFERENCES]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(REFERENCES + tuple(VARIANTS))}")
+    relations_names = args.relations or project_relations()
+    screen = test_screen(data_dir_from_env())
+    relations = {r: screened(load_project_relation(r), screen, lambda m: None) for r in relations_names}
+    starts = {r: load_vector(shipped_path(args.model, "fv", r)) for r in relations_names}
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    patcher = Patcher(model)
+    device = input_device(model)
+    for name in args.variants:
+        began = time.perf_counter()
+        vectors: dict[str, torch.Tensor | None] = {}
+        layers = {r: starts[r].metadata["layer"] for r in relations_names}
+        if name == "shipped":
+            for r in relations_names:
+                stored = load_vector(shipped_path(args.model, "ffv", r))
+                vectors[r], layers[r] = stored.vector, stored.metadata["layer"]
+        elif name == "10-shot":
+            vectors = {r: None for r in relations_names}
+        else:
+            changes = dict(VARIANTS[name])
+            if "layer" in changes:
+                layers = {r: changes["layer"] for r in relations_names}
+            settings = dataclasses.replace(TrainingSettings(), **{k: v for k, v in changes.items() if k != "layer"})
+            by_layer: dict[int, list[str]] = {}
+            for r in relations_names:
+                by_layer.setdefault(layers[r], []).append(r)
+            for layer, group in sorted(by_layer.items()):
+                pair_lists = [list(relations[r].train)[: settings.n_pairs] for r in group]
+                initials = torch.stack([starts[r].vector for r in group])
+                results = train_function_vectors(patcher, tokenizer, pair_lists, layer, initials,
+                                                 dataclasses.replace(settings, n_pairs=min(len(p) for p in pair_lists)))
+                for r, res in zip(group, results):
+                    vectors[r] = res.vector
+        trained = time.perf_counter() - began
+        per_relation = {}
+        for r in relations_names:
+            pairs = list(relations[r].validation)
+            if name == "10-shot":
+                rng = random.Random(1234)
+                prompts = [fewshot_prompt(rng.sample(list(relations[r].train), N_SHOT), p.input) for p in pairs]
+                texts = generations(patcher, tokenizer, prompts)
+            else:
+                texts = generations(patcher, tokenizer, [query_text(p.input) for p in pairs], layers[r],
+                                    vectors[r].to(device))
+            per_relation[r] = {"correct": score(texts, pairs), "n_train": len(relations[r].train)}
+        record = {"settings": VARIANTS.get(name, {}), "train_seconds": round(trained, 1),
+                  "mean": sum(sum(v["correct"]) / len(v["correct"]) for v in per_relation.values()) / len(per_relation),
+                  "relations": per_relation}
+        print(f"{name}: mean validation exact match {record['mean']:.3f} (trained in {trained:.0f}s)", flush=True)
+        if args.out:
+            out = Path(args.out)
+            with cache_lock(out.with_suffix(".lock"), "merges a variant"):
+                data = json.loads(out.read_text()) if out.exists() else {"model": args.model, "split": "validation",
+                                                                            "metric": "first-word exact match", "variants": {}}
+                data["variants"][name] = record
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
