@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--relation", required=True, nargs="+")
     p.add_argument("--init", choices=["fv", "random"], help="start from the relation's FV, or random (the ablation)")
-    p.add_argument("--loss", choices=["answer", "first-token"],
-                   help="cross-entropy over every answer token, teacher-forced (default), or over its first token only")
+    p.add_argument("--loss", choices=["answer", "answer-newline", "first-token"],  # vectors.fine_tuning.LOSSES
+                   help="cross-entropy over the answer's tokens and the newline that ends it, teacher-forced (default), "
+                        "over the answer's tokens only, or over its first token only")
     p.add_argument("--start-from", help="FV file to start from (default: the relation's FV in ./vectors/<model>/fv/, else the shipped one)")
     p.add_argument("--out", help="output .safetensors (default: ./vectors/<model>/ffv[-random]/<relation>.safetensors in the working directory)")
     p.add_argument("--pairs", help="training pairs (.jsonl of {input, output}; default: the relation's train split)")

@@ -45,19 +45,22 @@ ALL_PAIRS = 10_000  # n_pairs above any split: every screened training pair
 # name -> TrainingSettings fields changed from the defaults (n_pairs ALL_PAIRS: all of the train split)
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "pairs-all": {"n_pairs": ALL_PAIRS},
-    "pairs-all-steps-120": {"n_pairs": ALL_PAIRS, "steps": 120},
-    "pairs-all-batch-8": {"n_pairs": ALL_PAIRS, "batch_size": 8},
-    "steps-30": {"steps": 30},
-    "steps-120": {"steps": 120},
-    "l2-0.1": {"l2": 0.1},
-    "l2-0": {"l2": 0.0},
-    "lr-0.02": {"learning_rate": 0.02},
-    "pairs-all-l2-0.1": {"n_pairs": ALL_PAIRS, "l2": 0.1},
+    "loss-answer": {"loss": "answer"},  # the default before these variants (the paper's loss)
+    "loss-answer-newline": {"loss": "answer-newline"},
+    # variants of the "answer" loss, tried before "answer-newline" became the default
+    "pairs-all": {"loss": "answer", "n_pairs": ALL_PAIRS},
+    "pairs-all-steps-120": {"loss": "answer", "n_pairs": ALL_PAIRS, "steps": 120},
+    "pairs-all-batch-8": {"loss": "answer", "n_pairs": ALL_PAIRS, "batch_size": 8},
+    "steps-30": {"loss": "answer", "steps": 30},
+    "steps-120": {"loss": "answer", "steps": 120},
+    "l2-0.1": {"loss": "answer", "l2": 0.1},
+    "l2-0": {"loss": "answer", "l2": 0.0},
+    "lr-0.02": {"loss": "answer", "learning_rate": 0.02},
+    "pairs-all-l2-0.1": {"loss": "answer", "n_pairs": ALL_PAIRS, "l2": 0.1},
     # "layer": every relation's FFV trained (from its FV) and added at this layer, not its FV's
-    "layer-4": {"layer": 4},
-    "layer-6": {"layer": 6},
-    "layer-8": {"layer": 8},
+    "layer-4": {"loss": "answer", "layer": 4},
+    "layer-6": {"loss": "answer", "layer": 6},
+    "layer-8": {"loss": "answer", "layer": 8},
 }
 REFERENCES = ("shipped", "10-shot")
 MAX_NEW_TOKENS = 8  # as the relation tasks generate (tasks/relations/_relation_template_yaml)

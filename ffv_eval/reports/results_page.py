@@ -42,6 +42,7 @@ RELATIONS_RESULTS = ROOT / "leaderboards" / "results" / "relations"
 ANALOGY_RESULTS = ROOT / "leaderboards" / "results" / "analogies"
 VARIANT_RESULTS = ROOT / "research" / "results"
 VARIANT_BASELINE = "shipped"  # the variants are paired against the shipped FFVs
+REFERENCE_VARIANTS = (VARIANT_BASELINE, "10-shot")  # scored, not trained (research/ffv_training_variants.REFERENCES)
 MODELS = ("gemma-3-270m", "smollm2-135m")
 ANALOGY_METRICS = ("acc", "acc_norm", "acc_d", "top_answer", "repeats_abc")
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
@@ -207,14 +208,15 @@ def ffv_variants_block(models: Sequence[str] = MODELS, directory: Path = VARIANT
         for name, record in sorted(variants.items(), key=lambda kv: -statistics.mean(outcomes[kv[0]])):
             values = outcomes[name]
             settings = ", ".join(f"{k} {'all' if k == 'n_pairs' and v >= 1000 else v}" for k, v in record["settings"].items())
-            row = [name, settings or "(defaults)" if name not in ("shipped", "10-shot") else "(reference)",
+            row = [name, settings or "(defaults)" if name not in REFERENCE_VARIANTS else "(reference)",
                    f"{statistics.mean(values):.3f}"]
             if name == VARIANT_BASELINE:
                 row += ["", ""]
             else:
                 gain = paired_gain(values, outcomes[VARIANT_BASELINE])
                 row += [signed_interval(gain.mean_gain, gain.ci95), _p(gain.p_value)]
-            rows.append(row + [f"{record['train_seconds']:.0f}" if record["train_seconds"] else ""])
+            trained = name not in REFERENCE_VARIANTS and record["train_seconds"]
+            rows.append(row + [f"{record['train_seconds']:.0f}" if trained else ""])
         n = len(outcomes[VARIANT_BASELINE])
         out.append(f"**{model}**, {len(base)} relations, {n} validation questions ({data['metric']}):\n")
         out.append(_table(["variant", "settings changed", "mean", f"minus {VARIANT_BASELINE} [95% CI]", "p", "training s"], rows))

@@ -46,6 +46,10 @@ class BasisSettings:
     init_prompts: int = 8  # in-context prompts averaged for the starting FV
     n_shots: int = 10
     seed: int = 0
+    # The basis FFVs' loss (vectors.fine_tuning.LOSSES): the answer's tokens, as the shipped bases
+    # were trained (the library's default became "answer-newline" after they were built, chosen on
+    # relation tasks that stop at a newline; the CFV's settings were chosen for these vectors).
+    loss: str = "answer"
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,8 @@ def build_basis(
             missing.append(relation)
     progress(f"[ffv] basis for {model_alias}: {len(relations)} relations, {len(relations) - len(missing)} cached, "
              f"{len(missing)} to train at layer {heads.layer} (heads {', '.join(f'L{layer}H{h}' for layer, h in heads.heads)}, x{heads.scale:g})")
-    training = TrainingSettings(n_pairs=settings.n_pairs, steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed)
+    training = TrainingSettings(n_pairs=settings.n_pairs, steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed,
+                                loss=settings.loss)
     bar = tqdm(total=len(missing), unit="relation", desc=f"basis {model_alias}", disable=None if missing else True)
     for start in range(0, len(missing), settings.relations_per_pass):
         group = missing[start : start + settings.relations_per_pass]

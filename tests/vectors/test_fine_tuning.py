@@ -127,13 +127,15 @@ def test_bad_training_input_is_refused_and_nothing_is_written(tmp_path):
 def _hooked_answer_loss(model, tokenizer, pairs, layer, vector, loss):
     """Reference: one unpadded forward per pair with `vector` added after block `layer` at the
     prompt's last token (a torch forward hook), the answer teacher-forced after the prompt; the
-    mean cross-entropy of its tokens (loss="answer") or of its first token; the mean over pairs."""
+    mean cross-entropy of its tokens (loss="answer"), of its tokens and a newline after it
+    ("answer-newline") or of its first token; the mean over pairs."""
     total = 0.0
     for pair in pairs:
         prompt = f"Q: {pair.input}\nA:"
         context = tokenizer(prompt).input_ids
-        answer = tokenizer(f"{prompt} {pair.output}").input_ids[len(context):]
-        answer = answer if loss == "answer" else answer[:1]
+        ending = "\n" if loss == "answer-newline" else ""
+        answer = tokenizer(f"{prompt} {pair.output}{ending}").input_ids[len(context):]
+        answer = answer[:1] if loss == "first-token" else answer
         ids = torch.tensor([context + answer[:-1]])
 
         def add(module, args, output, at=len(context) - 1):
@@ -151,7 +153,7 @@ def _hooked_answer_loss(model, tokenizer, pairs, layer, vector, loss):
     return total / len(pairs)
 
 
-@pytest.mark.parametrize("loss", ["answer", "first-token"])
+@pytest.mark.parametrize("loss", ["answer", "answer-newline", "first-token"])
 def test_the_first_step_loss_equals_a_hooked_forward_over_the_answer_tokens(loss):
     torch.manual_seed(0)
     model = tiny_llama()
@@ -162,11 +164,21 @@ def test_the_first_step_loss_equals_a_hooked_forward_over_the_answer_tokens(loss
     result = train_function_vector(Patcher(model), tokenizer, pairs, 1, initial, settings)
     expected = _hooked_answer_loss(model, tokenizer, pairs, 1, initial, loss)
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
-    if loss == "answer":  # the answers are several tokens long: the whole-answer loss is another number
-        assert result.losses[0] != pytest.approx(_hooked_answer_loss(model, tokenizer, pairs, 1, initial, "first-token"), rel=1e-3)
+    if loss != "first-token":  # the answers are several tokens long: the whole-answer losses are other numbers
+        others = [other for other in ("answer", "answer-newline", "first-token") if other != loss]
+        for other in others:
+            assert result.losses[0] != pytest.approx(_hooked_answer_loss(model, tokenizer, pairs, 1, initial, other), rel=1e-3)
 
 
 def test_an_unknown_loss_is_refused():
-    with pytest.raises(SettingError, match="--loss must be one of answer, first-token"):
+    with pytest.raises(SettingError, match="--loss must be one of answer, answer-newline, first-token"):
         train_function_vector(Patcher(tiny_llama()), CharTokenizer(), _relation(1), 1, torch.randn(32),
                               TrainingSettings(steps=1, loss="perplexity"))
+
+
+def test_the_command_line_offers_every_loss():
+    from ffv_eval.cli import build_parser
+    from ffv_eval.vectors.fine_tuning import LOSSES
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if a.dest == "loss")
+    assert tuple(train.choices) == LOSSES
