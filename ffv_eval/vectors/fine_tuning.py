@@ -8,9 +8,8 @@ all the answer's tokens, teacher-forced after the prompt, the vector added where
 begins (the prompt's last token); "answer-newline" (the default, chosen on the relations'
 validation splits) the same over the answer and the newline that ends it (the relation tasks stop
 generating there, and 10-shot demonstrations show it), so the vector also teaches the model to
-stop after the answer; "first-token" is the
-cross-entropy of the answer's first token alone. The answer's tokens are found as lm-eval finds a
-continuation's (models.tokens.encode_continuation)."""
+stop after the answer; "first-token" is the cross-entropy of the answer's first token alone.
+The answer's tokens are found as lm-eval finds a continuation's (models.tokens.encode_continuation)."""
 
 from __future__ import annotations
 
