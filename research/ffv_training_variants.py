@@ -31,10 +31,11 @@ from ffv_eval.data.prompts import fewshot_prompt, query_text
 from ffv_eval.data.relations import data_dir_from_env, load_project_relation, project_relations
 from ffv_eval.data.task_data import first_word_match
 from ffv_eval.data.test_sets import test_screen
+from ffv_eval.files.atomic import atomic_write_text
 from ffv_eval.files.lock import cache_lock
 from ffv_eval.models.loading import input_device, load_model_and_tokenizer
 from ffv_eval.models.patching import Patcher
-from ffv_eval.models.tokens import encode_answers, pad_id_of
+from ffv_eval.models.tokens import encode_answers, left_pad, pad_id_of
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
 from ffv_eval.vectors.jobs import screened
 from ffv_eval.vectors.library import shipped_path
@@ -65,16 +66,6 @@ VARIANTS: dict[str, dict] = {
 REFERENCES = ("shipped", "10-shot")
 MAX_NEW_TOKENS = 8  # as the relation tasks generate (tasks/relations/_relation_template_yaml)
 N_SHOT = 10
-
-
-def left_pad(rows, pad_id, device):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -144,7 +135,8 @@ def main(argv=None):
                 texts = generations(patcher, tokenizer, [query_text(p.input) for p in pairs], layers[r],
                                     vectors[r].to(device))
             per_relation[r] = {"correct": score(texts, pairs), "n_train": len(relations[r].train)}
-        record = {"settings": VARIANTS.get(name, {}), "train_seconds": round(trained, 1),
+        recorded = {k: "all" if k == "n_pairs" and v == ALL_PAIRS else v for k, v in VARIANTS.get(name, {}).items()}
+        record = {"settings": recorded, "train_seconds": round(trained, 1),
                   "mean": sum(sum(v["correct"]) / len(v["correct"]) for v in per_relation.values()) / len(per_relation),
                   "relations": per_relation}
         print(f"{name}: mean validation exact match {record['mean']:.3f} (trained in {trained:.0f}s)", flush=True)
@@ -155,7 +147,7 @@ def main(argv=None):
                                                                             "metric": "first-word exact match", "variants": {}}
                 data["variants"][name] = record
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(data, indent=1) + "\n")
+                atomic_write_text(out, json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Prompts into token ids as lm-eval finds them, right padding and its removal: the one home of
+"""Prompts into token ids as lm-eval finds them, right and left padding, right padding's removal: the one home of
 these helpers for extraction, training, the basis, composite vectors, decoding and ffv-patched."""
 
 from __future__ import annotations
@@ -88,6 +88,19 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.dev
         mask[i, : len(s)] = 1
     ids, mask = ids.to(device), mask.to(device)
     return ids, mask, mask.sum(dim=1) - 1
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, S] and attention mask on `device`, as `generate` takes a batch (every
+    row's last prompt token at the last position)."""
+    width = max(len(s) for s in sequences)
+    # Built on the CPU from Python lists and moved in one copy.
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device="cpu")
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def without_right_padding(row: Sequence[int], pad_id: int) -> tuple[int, ...]:

@@ -207,7 +207,7 @@ def ffv_variants_block(models: Sequence[str] = MODELS, directory: Path = VARIANT
         rows = []
         for name, record in sorted(variants.items(), key=lambda kv: -statistics.mean(outcomes[kv[0]])):
             values = outcomes[name]
-            settings = ", ".join(f"{k} {'all' if k == 'n_pairs' and v >= 1000 else v}" for k, v in record["settings"].items())
+            settings = ", ".join(f"{k} {v}" for k, v in record["settings"].items())
             row = [name, settings or "(defaults)" if name not in REFERENCE_VARIANTS else "(reference)",
                    f"{statistics.mean(values):.3f}"]
             if name == VARIANT_BASELINE:

@@ -90,3 +90,13 @@ def test_continuations_move_trailing_whitespace_and_refuse_a_merged_prompt():
     assert tokens.encode_continuation(tokenizer, "Q: hot\nA: ", "cold")[1] == lm_eval_continuation(tokenizer, "Q: hot\nA: ", "cold")
     with pytest.raises(ValueError, match="the prompt's tokens are not a prefix of the tokens of prompt \\+ answer"):
         tokens.encode_continuation(tokenizer, "Q: hot\nA: co", "ld")
+
+
+def test_left_pad_puts_every_rows_last_token_last_and_masks_the_pads():
+    import torch
+
+    from ffv_eval.models.tokens import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], 0, torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
