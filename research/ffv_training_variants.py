@@ -7,11 +7,12 @@ at the prompt's last token, the first generated word(s) against the answer), on 
 pairs, which no training sees. The shipped FFVs and 10-shot prompting (demonstrations drawn from
 the train split) are scored the same way as references. Test splits are never read.
 
-    python research/ffv_training_variants.py --model gemma-3-270m --variants shipped 10-shot pairs-all \\
-        --out research/results/ffv-variants-gemma-3-270m.json
+    python research/ffv_training_variants.py --model gemma-3-270m --variants shipped 10-shot pairs-all
 
-Each variant's figures are merged into the output file (run variants in separate processes and
-they land in one file). docs/results.md shows them, each variant paired against the shipped FFVs
+Each variant's figures are merged into the model's variants file (research/results/
+ffv-variants-<model>.json, or --out; run variants in separate processes and they land in one
+file). That file's format is read by ffv_eval.reports.results_page, which owns its name and its
+reference rows. docs/results.md shows them, each variant paired against the shipped FFVs
 (`python -m ffv_eval.reports.results_page`, block ffv_variants).
 """
 
@@ -36,6 +37,7 @@ from ffv_eval.files.lock import cache_lock
 from ffv_eval.models.loading import input_device, load_model_and_tokenizer
 from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tokens import encode_answers, left_pad, pad_id_of
+from ffv_eval.reports.results_page import REFERENCE_VARIANTS, variant_file
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
 from ffv_eval.vectors.jobs import screened
 from ffv_eval.vectors.library import shipped_path
@@ -62,8 +64,11 @@ VARIANTS: dict[str, dict] = {
     "layer-4": {"loss": "answer", "layer": 4},
     "layer-6": {"loss": "answer", "layer": 6},
     "layer-8": {"loss": "answer", "layer": 8},
+    # the two best "answer" variants above, combined with the "answer-newline" loss
+    "newline-lr-0.02": {"loss": "answer-newline", "learning_rate": 0.02},
+    "newline-layer-6": {"loss": "answer-newline", "layer": 6},
 }
-REFERENCES = ("shipped", "10-shot")
+REFERENCES = REFERENCE_VARIANTS  # "shipped" and "10-shot": scored, not trained
 MAX_NEW_TOKENS = 8  # as the relation tasks generate (tasks/relations/_relation_template_yaml)
 N_SHOT = 10
 
@@ -86,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--variants", nargs="*", default=[])
     parser.add_argument("--relations", nargs="*", default=None)
-    parser.add_argument("--out")
+    parser.add_argument("--out", help="the variants file (default: research/results/ffv-variants-<model>.json)")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS and v not in REFERENCES]
     if unknown:
@@ -136,18 +141,17 @@ def main(argv=None):
                                     vectors[r].to(device))
             per_relation[r] = {"correct": score(texts, pairs), "n_train": len(relations[r].train)}
         recorded = {k: "all" if k == "n_pairs" and v == ALL_PAIRS else v for k, v in VARIANTS.get(name, {}).items()}
-        record = {"settings": recorded, "train_seconds": round(trained, 1),
-                  "mean": sum(sum(v["correct"]) / len(v["correct"]) for v in per_relation.values()) / len(per_relation),
-                  "relations": per_relation}
-        print(f"{name}: mean validation exact match {record['mean']:.3f} (trained in {trained:.0f}s)", flush=True)
-        if args.out:
-            out = Path(args.out)
-            with cache_lock(out.with_suffix(".lock"), "merges a variant"):
-                data = json.loads(out.read_text()) if out.exists() else {"model": args.model, "split": "validation",
-                                                                            "metric": "first-word exact match", "variants": {}}
-                data["variants"][name] = record
-                out.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(out, json.dumps(data, indent=1) + "\n")
+        record = {"settings": recorded, "train_seconds": round(trained, 1), "relations": per_relation}
+        correct = [c for v in per_relation.values() for c in v["correct"]]
+        print(f"{name}: validation exact match {sum(correct) / len(correct):.3f} over {len(correct)} questions "
+              f"(trained in {trained:.0f}s)", flush=True)
+        out = Path(args.out) if args.out else variant_file(args.model)
+        with cache_lock(out.with_suffix(".lock"), "merges a variant"):
+            data = json.loads(out.read_text()) if out.exists() else {"model": args.model, "split": "validation",
+                                                                        "metric": "first-word exact match", "variants": {}}
+            data["variants"][name] = record
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":
