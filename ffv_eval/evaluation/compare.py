@@ -101,7 +101,8 @@ def compare_conditions(model: str = DEFAULT_MODEL, relations=None, limit=None, b
                        data_dir=None, output=None, kinds=None, markdown=None, command=None, placement=None,
                        plot=None, log_file=None) -> dict:
     """Per relation: zero-shot, patched with the model's shipped vector of each kind in `kinds`
-    (fv, ffv, ffv-random), and num_fewshot-shot, each an lm-eval run of relation_<name>.
+    (library.KINDS: fv, ffv, ffv-first-token, ffv-random), and num_fewshot-shot, each an lm-eval
+    run of relation_<name>.
     placement: a model_loading.Placement, passed to lm-eval's HFLM as device=, dtype= (and
     parallelize=True with the device map).
 
