@@ -68,7 +68,6 @@ VARIANTS: dict[str, dict] = {
     "newline-lr-0.02": {"loss": "answer-newline", "learning_rate": 0.02},
     "newline-layer-6": {"loss": "answer-newline", "layer": 6},
 }
-REFERENCES = REFERENCE_VARIANTS  # "shipped" and "10-shot": scored, not trained
 MAX_NEW_TOKENS = 8  # as the relation tasks generate (tasks/relations/_relation_template_yaml)
 N_SHOT = 10
 
@@ -93,9 +92,9 @@ def main(argv=None):
     parser.add_argument("--relations", nargs="*", default=None)
     parser.add_argument("--out", help="the variants file (default: research/results/ffv-variants-<model>.json)")
     args = parser.parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS and v not in REFERENCES]
+    unknown = [v for v in args.variants if v not in VARIANTS and v not in REFERENCE_VARIANTS]
     if unknown:
-        sys.exit(f"unknown variants {unknown}; known: {', '.join(REFERENCES + tuple(VARIANTS))}")
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(REFERENCE_VARIANTS + tuple(VARIANTS))}")
     relations_names = args.relations or project_relations()
     screen = test_screen(data_dir_from_env())
     relations = {r: screened(load_project_relation(r), screen, lambda m: None) for r in relations_names}
@@ -146,11 +145,11 @@ def main(argv=None):
         print(f"{name}: validation exact match {sum(correct) / len(correct):.3f} over {len(correct)} questions "
               f"(trained in {trained:.0f}s)", flush=True)
         out = Path(args.out) if args.out else variant_file(args.model)
+        out.parent.mkdir(parents=True, exist_ok=True)
         with cache_lock(out.with_suffix(".lock"), "merges a variant"):
             data = json.loads(out.read_text()) if out.exists() else {"model": args.model, "split": "validation",
                                                                         "metric": "first-word exact match", "variants": {}}
             data["variants"][name] = record
-            out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, json.dumps(data, indent=1) + "\n")
 
 
