@@ -200,9 +200,19 @@ class ArchitectureAdapter:
             return torch.zeros(self.hidden_size, device=weight.device, dtype=torch.float32)
         return bias
 
-    def unembed(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states -> logits (with the logit soft-capping the model applies)."""
-        logits = self.unembedding()(final_hidden)
+    def unembed(self, final_hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states -> logits (with the logit soft-capping the model applies);
+        with `token_ids` [K], only those tokens' logits [..., K] (a linear unembedding reads only
+        their K rows of the matrix)."""
+        head = self.unembedding()
+        if token_ids is None:
+            logits = head(final_hidden)
+        elif isinstance(head, nn.Linear):
+            token_ids = token_ids.to(head.weight.device)
+            bias = None if head.bias is None else head.bias[token_ids]
+            logits = nn.functional.linear(final_hidden, head.weight[token_ids], bias)
+        else:
+            logits = head(final_hidden)[..., token_ids.to(final_hidden.device)]
         cap = getattr(self.config, self.family.softcap, None) if self.family.softcap else None
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -38,7 +38,7 @@ from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tokens import answer_token_id, encode_continuation, pad_id_of
 from ffv_eval.vectors.basis import Basis, BasisError, load_basis
 from ffv_eval.vectors.library import composite_files, find_basis_dir, read_composite_metadata, read_composite_tensors, write_composite_map
-from ffv_eval.vectors.scoring import cached_tail_log_probs
+from ffv_eval.vectors.scoring import TopRows, cached_tail_log_probs
 
 POSTERIORS = ("softmax", "calibrated")
 
@@ -57,6 +57,18 @@ class CompositeMap:
     def posterior(self, log_probs: torch.Tensor) -> torch.Tensor:
         """basis_logprobs(..., with_baseline=True) [N, R + 1] -> posterior [N, R], float32."""
         return keep_top(posterior_from(log_probs, self.posterior_kind, self.relation_baseline, self.temperature), self.top_k)
+
+    def top_rows(self) -> TopRows | None:
+        """What the posterior needs of basis_logprobs(..., with_baseline=True): with top_k, only
+        the top_k relations' log-probabilities exactly (the others' bounds rank below them);
+        without, everything (None)."""
+        if self.top_k <= 0:
+            return None
+        R = len(self.basis.names)
+        offsets = torch.zeros(R + 1)  # a relation's rank in posterior_scores, less the stem's own terms
+        if self.posterior_kind == "calibrated":
+            offsets[:R] = -self.relation_baseline.float().cpu()
+        return TopRows(k=self.top_k, reference=R, offsets=offsets)
 
     def weights(self, posterior: torch.Tensor) -> torch.Tensor:
         """Posterior [N, R] -> weights [N, R], float32 on the posterior's device."""
@@ -82,11 +94,12 @@ def check_words(tokenizer, words: Sequence[str], prompt: str, answer: str, where
 
 @torch.no_grad()
 def basis_logprobs(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tuple[str, str]],
-                   with_baseline: bool = False) -> torch.Tensor:
+                   with_baseline: bool = False, top: TopRows | None = None) -> torch.Tensor:
     """[N, R] (with_baseline: [N, R + 1], the last column without a vector): log P(B's first
     token | `Q: A\nA:` + FFV_r) for each stem (A, B) and basis relation r. Exact and batched
     across stems and relations (vectors.scoring.cached_tail_log_probs: each prompt before its
-    last token once, then its last token once per basis vector, at the basis layer)."""
+    last token once, then its last token once per basis vector, at the basis layer). With `top`
+    (CompositeMap.top_rows), only the best relations of each stem are exact."""
     device = input_device(patcher.model)
     vectors = basis.vectors.to(device, torch.float32)
     if with_baseline:
@@ -99,8 +112,10 @@ def basis_logprobs(patcher: Patcher, tokenizer, basis: Basis, stems: Sequence[tu
         contexts.append(context)
         answers.append(answer[:1])
     # float32: log-probabilities (see answer_log_probs); the posterior is a softmax over them.
+    if top is not None and not with_baseline:
+        raise BasisError("basis_logprobs: bounds on the relations (top) need the column without a vector (with_baseline=True)")
     return cached_tail_log_probs(patcher, basis.layer, contexts, answers, vectors.shape[0],
-                                 lambda chunk: vectors[None].expand(len(chunk), *vectors.shape), pad_id_of(tokenizer))
+                                 lambda chunk: vectors[None].expand(len(chunk), *vectors.shape), pad_id_of(tokenizer), top)
 
 
 def relation_gains(log_probs: torch.Tensor) -> torch.Tensor:
@@ -208,7 +223,8 @@ class CompositeVectors:
         for a, b in todo:
             check_words(self.tokenizer, [a], query_text(a), b, (where or {}).get((a, b), f"source pair {a}:{b}"))
         if todo:
-            posterior = self.cmap.posterior(basis_logprobs(self.patcher, self.tokenizer, self.cmap.basis, todo, with_baseline=True))
+            log_probs = basis_logprobs(self.patcher, self.tokenizer, self.cmap.basis, todo, with_baseline=True, top=self.cmap.top_rows())
+            posterior = self.cmap.posterior(log_probs)
             for stem, p, v in zip(todo, posterior, self.cmap.vectors(posterior)):
                 self._cache[stem] = (p, v)
 

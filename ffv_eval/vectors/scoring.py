@@ -6,6 +6,7 @@ CFV posterior and the CFV settings' validation questions)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -53,16 +54,35 @@ def _chunk_log_probs(adapter, hidden: torch.Tensor, answers: torch.Tensor) -> tu
     return log_prob, logits.argmax(-1)
 
 
+@dataclass(frozen=True)
+class TopRows:
+    """Ask cached_tail_log_probs for only what the `k` best vectors of each prompt need: those
+    vectors' log-probabilities exact, the others' an upper bound below the k-th best. A vector's
+    rank is its log-probability plus `offsets[vector]` ([n_vectors], or None: zeros). Column
+    `reference` (say, no vector) is computed exactly for every prompt, and its `candidates` most
+    likely tokens at each answer position (with the answer's token) bound the others: a
+    log-softmax over a subset of the vocabulary is at least the full one, so the bound holds, and
+    only vectors whose bound could still reach the k best are unembedded in full. The k best and
+    their values are therefore those of the full computation (to rounding)."""
+
+    k: int
+    reference: int
+    offsets: torch.Tensor | None = None
+    candidates: int = 4096
+    margin: float = 1e-3  # rank slack for rounding between the subset and the full log-softmax
+
+
 @torch.no_grad()
 def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                          n_vectors: int, vectors_of: Callable[[list[int]], torch.Tensor], pad_id: int) -> torch.Tensor:
+                          n_vectors: int, vectors_of: Callable[[list[int]], torch.Tensor], pad_id: int,
+                          top: TopRows | None = None) -> torch.Tensor:
     """[prompts, n_vectors], float32: log P(answers[i] | contexts[i]), summed over the answer's
     tokens (teacher-forced), with each of the prompt's vectors added after block `layer` at the
     context's last token; `vectors_of(indices)` gives the vectors of those prompts, [len(indices),
     n_vectors, hidden] float32 on the model's device. Exact and batched: prompts with the same
     number of tokens run together, all but their last token once (key/value cache), then their
     last token and the answer's tokens but the last once per vector, ROWS_PER_PASS rows at a
-    time."""
+    time. With `top`, only the best vectors of each prompt are exact (TopRows)."""
     device = input_device(patcher.model)
     n = n_vectors
     scores = torch.zeros(len(contexts), n, dtype=torch.float32, device=device)
@@ -71,6 +91,7 @@ def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Seque
         by_length.setdefault(len(context), []).append(i)
     base = patcher.adapter.base_model()
     group = max(1, ROWS_PER_PASS // n)
+    bounded: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # with top: (prompt, final hidden [T, n, hidden], answer tokens)
     for indices in by_length.values():
         for start in range(0, len(indices), group):
             chunk = indices[start : start + group]
@@ -88,12 +109,72 @@ def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Seque
             rows = torch.tensor([r for r, i in enumerate(chunk) for _ in answers[i]], dtype=torch.long, device=device)
             steps = torch.tensor([t for i in chunk for t in range(len(answers[i]))], dtype=torch.long, device=device)
             tokens = torch.tensor([t for i in chunk for t in answers[i]], dtype=torch.long, device=device)
+            if top is not None:  # bounded after every chunk's forward, so that full unembeddings batch across chunks
+                at = [[j for j, row in enumerate(rows.tolist()) if row == r] for r in range(len(chunk))]
+                bounded += [(i, out[r * n : (r + 1) * n, steps[j]].transpose(0, 1), tokens[j]) for r, (i, j) in enumerate(zip(chunk, at))]
+                continue
             flat_rows = (rows[:, None] * n + torch.arange(n, device=device)).reshape(-1)  # every (token, vector)
             log_prob, _ = answer_log_probs(patcher.adapter, out[flat_rows, steps.repeat_interleave(n)],
                                            tokens.repeat_interleave(n))  # float32
             per_row = torch.zeros(len(chunk) * n, dtype=torch.float32, device=device).index_add(0, flat_rows, log_prob.to(device))
             scores[chunk] = per_row.view(len(chunk), n)
+    if bounded:
+        order = [i for i, _, _ in bounded]
+        scores[order] = _top_row_log_probs(patcher.adapter, [h for _, h, _ in bounded], [t for _, _, t in bounded], top).to(device)
     return scores
+
+
+def _top_row_log_probs(adapter, hidden: list[torch.Tensor], tokens: list[torch.Tensor], top: TopRows) -> torch.Tensor:
+    """Prompts' final hidden states ([answer tokens, n_vectors, hidden] each) and answer tokens
+    ([answer tokens] each) -> [prompts, n_vectors] float32 (TopRows): exact for the reference and
+    each prompt's best vectors, an upper bound for the rest. Full unembeddings are batched across
+    the prompts (each reads the whole unembedding matrix, whatever its number of rows)."""
+    n = hidden[0].shape[1]
+    tokens = [t.to(h.device) for h, t in zip(hidden, tokens)]
+    scores = torch.zeros(len(hidden), n, dtype=torch.float32, device=hidden[0].device)
+    # float32, as _chunk_log_probs; the reference's full logits also pick each position's candidates
+    ref_logits = adapter.unembed(torch.cat([h[:, top.reference] for h in hidden])).float()
+    offsets = torch.zeros(n) if top.offsets is None else top.offsets.float().cpu()
+    ranks, start = [], 0
+    for i, (h, t) in enumerate(zip(hidden, tokens)):
+        logits = ref_logits[start : start + len(t)]
+        start += len(t)
+        scores[i, top.reference] = logits.log_softmax(-1).gather(-1, t[:, None].to(logits.device)).sum()
+        subset = torch.unique(torch.cat([logits.topk(min(top.candidates, logits.shape[-1]), dim=-1).indices.reshape(-1),
+                                         t.to(logits.device)]))
+        sub_logits = adapter.unembed(h, subset).float()  # [T, n, |subset|]
+        at = torch.searchsorted(subset, t.to(subset.device))
+        answer_logit = sub_logits.gather(-1, at[:, None, None].expand(-1, n, 1).to(sub_logits.device))[..., 0]
+        bound = (answer_logit - sub_logits.logsumexp(-1)).sum(0)  # >= the exact log-probabilities
+        scores[i, : top.reference] = bound[: top.reference].to(scores.device)
+        scores[i, top.reference + 1 :] = bound[top.reference + 1 :].to(scores.device)
+        rank = bound.cpu() + offsets
+        rank[top.reference] = -torch.inf  # exact already, and not ranked
+        ranks.append(rank)
+    order = [r.argsort(descending=True).tolist()[: n - 1] for r in ranks]
+    best: list[list[float]] = [[] for _ in hidden]  # each prompt's k best exact ranks so far
+    done = [0] * len(hidden)  # how many of each prompt's ordered vectors are exact
+    first = True
+    while True:
+        todo = []
+        for i in range(len(hidden)):
+            for _ in range(top.k + 1 if first else 1):
+                if done[i] == len(order[i]):
+                    break
+                if len(best[i]) >= top.k and min(best[i]) >= float(ranks[i][order[i][done[i]]]) + top.margin:
+                    break  # no bound left can reach the k best
+                todo.append((i, order[i][done[i]]))
+                done[i] += 1
+        first = False
+        if not todo:
+            return scores
+        log_prob, _ = answer_log_probs(adapter, torch.cat([hidden[i][:, v] for i, v in todo]), torch.cat([tokens[i] for i, _ in todo]))
+        start = 0
+        for i, v in todo:
+            value = log_prob[start : start + len(tokens[i])].sum()
+            start += len(tokens[i])
+            scores[i, v] = value.to(scores.device)
+            best[i] = sorted([*best[i], float(value) + float(offsets[v])], reverse=True)[: top.k]
 
 
 @torch.no_grad()

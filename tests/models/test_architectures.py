@@ -150,7 +150,8 @@ def test_post_norm_contributions_sum_to_the_normed_mean_attention_output():
 
 def test_unembedding_and_final_norm_follow_the_model(family, dtype):
     """unembed(base model output) and decode_residual(last block's output) are the model's own
-    logits: paths, final norm and logit soft-capping as the causal LM applies them."""
+    logits: paths, final norm and logit soft-capping as the causal LM applies them; unembed on
+    a subset of tokens gives those tokens' logits."""
     model = tiny(family, dtype)
     a = adapter_for(model)
     ids = _ids(2, 5, seed=1)
@@ -159,10 +160,14 @@ def test_unembedding_and_final_norm_follow_the_model(family, dtype):
     with torch.no_grad():
         logits = model(ids).logits.float()
         hook.remove()
-        mine = a.unembed(a.base_model()(input_ids=ids).last_hidden_state).float()
+        final = a.base_model()(input_ids=ids).last_hidden_state
+        mine = a.unembed(final).float()
         decoded = a.decode_residual(last_block["h"].float()).float()  # cast back to the model's dtype inside
+        subset = torch.tensor([VOCAB - 1, 0, 17, 5])
+        some = a.unembed(final, subset).float()  # only those tokens' logits
     tol = 0 if dtype == torch.float32 else 2.0**-6 * float(logits.abs().max())
     assert (mine - logits).abs().max() <= max(tol, 1e-6)
+    assert some.shape == (2, 5, 4) and (some - mine[..., subset]).abs().max() <= max(tol, 1e-5)
     assert (decoded - logits).abs().max() <= max(tol, 1e-5)
 
 

@@ -194,6 +194,31 @@ def test_batched_posterior_equals_one_source_pair_per_pass_and_its_baseline_is_u
     assert torch.equal(composite.basis_logprobs(patcher, tok, basis, stems), batched[:, :-1])
 
 
+@pytest.mark.parametrize("kind, k", [("softmax", 1), ("softmax", 2), ("calibrated", 1)])
+def test_cfvs_of_a_top_k_map_equal_those_of_the_full_posterior(monkeypatch, kind, k):
+    """With top_k, CompositeVectors unembeds in full only the relations that can be among a stem's
+    k best (scoring.TopRows); the CFVs are those of every relation scored in full."""
+    from functools import partial
+
+    from ffv_eval.vectors import composite, scoring
+
+    patcher, tok, basis = Patcher(tiny_llama()), CharTokenizer(), _tiny_basis(10)
+    with torch.no_grad():  # sharper next-token distributions than random weights give, as a trained model's
+        patcher.adapter.unembedding().weight.mul_(20)
+    g = torch.Generator().manual_seed(3)
+    cmap = composite.CompositeMap(basis, 0.5 * torch.eye(10) + 0.05 * torch.randn(10, 10, generator=g), 0.01 * torch.randn(10, generator=g),
+                                  0.7, kind, torch.randn(10, generator=g) if kind == "calibrated" else None, top_k=k)
+    stems = [("ab", "ba"), ("abc", "cd"), ("x", "yy"), ("cd", "dc"), ("efg", "h"), ("kl", "lk")]
+    monkeypatch.setattr(composite, "TopRows", partial(scoring.TopRows, candidates=10))  # the tiny vocabulary has 120 tokens
+    full = composite.basis_logprobs(patcher, tok, basis, stems, with_baseline=True)
+    bounded = composite.basis_logprobs(patcher, tok, basis, stems, with_baseline=True, top=cmap.top_rows())
+    assert (bounded > full + 1e-3).any()  # some relations were only bounded
+    cfvs = composite.CompositeVectors(patcher, tok, cmap)
+    cfvs.prepare(stems)
+    for stem, posterior, vector in zip(stems, cmap.posterior(full), cmap.vectors(cmap.posterior(full))):
+        assert torch.allclose(cfvs._cache[stem][0], posterior, atol=1e-6) and torch.allclose(cfvs.vector(*stem), vector, atol=1e-5)
+
+
 def test_calibrated_posterior_discounts_a_relation_that_raises_every_answer():
     from ffv_eval.vectors.composite import posterior_from, relation_gains
 
@@ -438,3 +463,26 @@ def test_validation_questions_skip_sets_without_a_valid_split(tmp_path):
     assert validation_questions(tmp_path, ("u2", "u4", "bats", "google"), per_set=1) == [
         ChoiceQuestion("u2", "hot", "cold", (("up", "up"), ("big", "small")), 1)]
     assert len(validation_questions(tmp_path, ("u2", "google"))) == 2
+
+
+@pytest.mark.slow
+def test_shipped_gemma_map_gets_the_same_cfvs_from_its_top_relations_alone(gemma):
+    """gemma-3-270m's shipped map keeps one relation per source pair (top_k 1): the posterior
+    unembeds in full only the relations whose bound can reach the best (scoring.TopRows), and
+    the CFVs are those of all 78 relations scored in full."""
+    from ffv_eval.vectors import composite
+
+    model, tok = gemma
+    patcher = Patcher(model)
+    cmap = composite.load_composite_map(VECTORS_DIR / "gemma-3-270m" / "basis")
+    assert cmap.top_k == 1 and cmap.top_rows() is not None
+    stems = [("hot", "cold"), ("France", "Paris"), ("mouse", "mice"), ("walk", "walked"), ("dog", "puppy"), ("big", "bigger"),
+             ("Japan", "yen"), ("cat", "kitten"), ("good", "best"), ("happy", "sad"), ("sing", "sang"), ("car", "cars"),
+             ("Italy", "Italian"), ("doctor", "hospital"), ("bread", "pain"), ("red", "rouge")]
+    full = composite.basis_logprobs(patcher, tok, cmap.basis, stems, with_baseline=True)
+    bounded = composite.basis_logprobs(patcher, tok, cmap.basis, stems, with_baseline=True, top=cmap.top_rows())
+    assert (bounded >= full - 1e-4).all() and (bounded > full + 1e-3).sum() > len(stems) * 60  # most relations only bounded
+    assert torch.equal(bounded.argmax(-1), full.argmax(-1)) and torch.equal(cmap.posterior(bounded), cmap.posterior(full))
+    cfvs = composite.CompositeVectors(patcher, tok, cmap)
+    cfvs.prepare(stems)
+    assert all(torch.equal(cfvs.vector(*stem), v) for stem, v in zip(stems, cmap.vectors(cmap.posterior(full))))

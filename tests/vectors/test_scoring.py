@@ -24,12 +24,13 @@ class RowCounter:
     """Wraps an adapter's unembedding and records the rows of every call."""
 
     def __init__(self, adapter):
-        self.inner, self.rows = adapter.unembed, []
+        self.inner, self.rows, self.subsets = adapter.unembed, [], []
         adapter.unembed = self
 
-    def __call__(self, hidden):
+    def __call__(self, hidden, token_ids=None):
         self.rows.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
-        return self.inner(hidden)
+        self.subsets.append(token_ids)
+        return self.inner(hidden, token_ids)
 
 
 def _bounded_and_unbounded(monkeypatch, run, rows=3):
@@ -84,3 +85,50 @@ def test_composite_map_fit_with_bounded_logits_equals_unbounded(monkeypatch):
 
     bounded, full, rows = _bounded_and_unbounded(monkeypatch, fit)
     assert max(rows) == 3 and same_values(bounded, full) and not torch.equal(bounded, torch.eye(3))
+
+
+# -- only the best vectors exact (TopRows) -----------------------------------------------------------
+def _tail_inputs(n=12, seed=4):
+    from ffv_eval.models.tokens import encode_continuation
+
+    tok = CharTokenizer()
+    vectors = torch.randn(n, 32, generator=torch.Generator().manual_seed(seed)) * 3
+    vectors[-1] = 0  # the reference column: no vector
+    stems = [("ab", "ba"), ("abc", "cde"), ("x", "yy"), ("cd", "dc"), ("efg", "h")]  # several prompt and answer lengths
+    encoded = [encode_continuation(tok, f"Q: {a}\nA:", f" {b}") for a, b in stems]
+    return vectors, [c for c, _ in encoded], [a for _, a in encoded]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_rows_are_exact_for_the_best_vectors_and_an_upper_bound_for_the_rest(k):
+    vectors, contexts, answers = _tail_inputs()
+    n = vectors.shape[0]
+    patcher = Patcher(tiny_llama())
+    with torch.no_grad():  # sharper next-token distributions than random weights give, as a trained model's
+        patcher.adapter.unembedding().weight.mul_(20)
+    offsets = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    offsets[-1] = 0
+
+    def run(top=None):
+        return scoring.cached_tail_log_probs(patcher, 1, contexts, answers, n, lambda c: vectors[None].expand(len(c), *vectors.shape), 0, top)
+
+    full = run()
+    counter = RowCounter(patcher.adapter)
+    got = run(scoring.TopRows(k=k, reference=n - 1, offsets=offsets, candidates=10))
+    best = (full[:, :-1] + offsets[:-1]).topk(k).indices
+    assert torch.equal((got[:, :-1] + offsets[:-1]).topk(k).indices.sort().values, best.sort().values)
+    assert torch.allclose(got.gather(1, best), full.gather(1, best), atol=1e-5)
+    assert torch.allclose(got[:, -1], full[:, -1], atol=1e-5)  # the reference, exact
+    assert (got >= full - 1e-5).all()  # bounds never under the exact value
+    assert (got > full + 1e-3).any()  # and some vectors were only bounded
+    answer_tokens = sum(len(a) for a in answers)
+    full_rows = sum(r for r, subset in zip(counter.rows, counter.subsets) if subset is None)
+    assert answer_tokens <= full_rows < answer_tokens * n  # fewer full unembeddings than every vector's
+
+
+def test_top_rows_need_a_reference_column_for_the_posterior():
+    from ffv_eval.vectors.basis import BasisError
+
+    basis = Basis(["r0", "r1"], torch.randn(2, 32), 1, "x", Path("."))
+    with pytest.raises(BasisError, match="with_baseline"):
+        basis_logprobs(Patcher(tiny_llama()), CharTokenizer(), basis, [("ab", "ba")], top=scoring.TopRows(k=1, reference=2))
