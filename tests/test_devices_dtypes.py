@@ -63,6 +63,8 @@ def _pure_functions(patcher, tokenizer, vectors):
         "random": train_function_vector(patcher, tokenizer, PAIRS[:4], 1, vectors[0],
                                         TrainingSettings(n_pairs=4, steps=1, batch_size=2, init="random")).initial_vector,
         "posterior": basis_logprobs(patcher, tokenizer, basis, [("ab", "ba"), ("cd", "dc")]),
+        "top posterior": basis_logprobs(patcher, tokenizer, basis, [("ab", "ba"), ("cd", "dc")], with_baseline=True,
+                                        top=scoring.TopRows(k=1, reference=2, candidates=5)),
         "completion": completion_scores(patcher, tokenizer, [Analogy("ab", "ba", "cd", "dc")], 1, vectors[:1]),
         "map": fit_composite_map(patcher, tokenizer, basis, [Analogy("ab", "ba", "cd", "dc", "a")] * 5, MapSettings(steps=2, batch_size=2)).weight,
         "decoding": torch.tensor(decode_vector(patcher.adapter, tokenizer, vectors[0], PAIRS, 5).hits, device="cpu"),

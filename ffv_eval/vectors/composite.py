@@ -65,7 +65,7 @@ class CompositeMap:
         if self.top_k <= 0:
             return None
         R = len(self.basis.names)
-        offsets = torch.zeros(R + 1)  # a relation's rank in posterior_scores, less the stem's own terms
+        offsets = torch.zeros(R + 1, device="cpu")  # a relation's rank in posterior_scores, less the stem's own terms (ranked on the CPU)
         if self.posterior_kind == "calibrated":
             offsets[:R] = -self.relation_baseline.float().cpu()
         return TopRows(k=self.top_k, reference=R, offsets=offsets)

@@ -23,6 +23,10 @@ from ffv_eval.models.tokens import encode_prompts, pad_id_of, right_pad
 # on a CPU a 64-row budget made mediation's 73-row batches of gemma-3-270m 30% slower.
 LOGIT_ROWS = 128
 ROWS_PER_PASS = 512  # (prompt, vector) rows run through the model together in cached_tail_log_probs
+# TopRows in a 16-bit model: its logits are rounded to 2^-8 of their size (about 0.1 at Gemma's
+# 20-30), differently by a subset's kernel and the full one, so a bound may sit that far under the
+# full score; relations within this many nats of the k best are scored in full.
+LOW_PRECISION_MARGIN = 0.25
 
 
 
@@ -69,7 +73,7 @@ class TopRows:
     reference: int
     offsets: torch.Tensor | None = None
     candidates: int = 4096
-    margin: float = 1e-3  # rank slack for rounding between the subset and the full log-softmax
+    margin: float = 1e-3  # rank slack for rounding between the subset and the full log-softmax (float32 models)
 
 
 @torch.no_grad()
@@ -134,7 +138,8 @@ def _top_row_log_probs(adapter, hidden: list[torch.Tensor], tokens: list[torch.T
     scores = torch.zeros(len(hidden), n, dtype=torch.float32, device=hidden[0].device)
     # float32, as _chunk_log_probs; the reference's full logits also pick each position's candidates
     ref_logits = adapter.unembed(torch.cat([h[:, top.reference] for h in hidden])).float()
-    offsets = torch.zeros(n) if top.offsets is None else top.offsets.float().cpu()
+    offsets = torch.zeros(n, device="cpu") if top.offsets is None else top.offsets.float().cpu()  # ranks are compared on the CPU
+    margin = top.margin if ref_logits.dtype == torch.float32 and hidden[0].dtype == torch.float32 else max(top.margin, LOW_PRECISION_MARGIN)
     ranks, start = [], 0
     for i, (h, t) in enumerate(zip(hidden, tokens)):
         logits = ref_logits[start : start + len(t)]
@@ -161,7 +166,7 @@ def _top_row_log_probs(adapter, hidden: list[torch.Tensor], tokens: list[torch.T
             for _ in range(top.k + 1 if first else 1):
                 if done[i] == len(order[i]):
                     break
-                if len(best[i]) >= top.k and min(best[i]) >= float(ranks[i][order[i][done[i]]]) + top.margin:
+                if len(best[i]) >= top.k and min(best[i]) >= float(ranks[i][order[i][done[i]]]) + margin:
                     break  # no bound left can reach the k best
                 todo.append((i, order[i][done[i]]))
                 done[i] += 1

@@ -132,3 +132,23 @@ def test_top_rows_need_a_reference_column_for_the_posterior():
     basis = Basis(["r0", "r1"], torch.randn(2, 32), 1, "x", Path("."))
     with pytest.raises(BasisError, match="with_baseline"):
         basis_logprobs(Patcher(tiny_llama()), CharTokenizer(), basis, [("ab", "ba")], top=scoring.TopRows(k=1, reference=2))
+
+
+def test_top_rows_in_bfloat16_pick_the_best_vector_to_the_model_s_rounding():
+    """A 16-bit model's logits round differently in a subset's kernel and the full one; the k best
+    are still the full computation's, to that rounding (scoring.LOW_PRECISION_MARGIN)."""
+    vectors, contexts, answers = _tail_inputs(seed=8)
+    n = vectors.shape[0]
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    patcher = Patcher(model.to(torch.bfloat16))
+
+    def run(top=None):
+        return scoring.cached_tail_log_probs(patcher, 1, contexts, answers, n, lambda c: vectors[None].expand(len(c), *vectors.shape), 0, top)
+
+    full, got = run(), run(scoring.TopRows(k=1, reference=n - 1, candidates=10))
+    assert got.dtype == torch.float32 and (got > full + 0.5).any()
+    chosen = got[:, :-1].argmax(-1)
+    assert (full[:, :-1].gather(1, chosen[:, None])[:, 0] >= full[:, :-1].max(-1).values - 0.1).all()
+    assert torch.allclose(got[:, :-1].max(-1).values, full[:, :-1].max(-1).values, atol=0.1)
