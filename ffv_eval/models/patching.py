@@ -9,7 +9,9 @@ visited in execution order, and results are collected in lists made before the t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import nnsight
 import torch
@@ -58,6 +60,42 @@ class Patcher:
             return base(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).last_hidden_state
         return self.call_with_vector(base.forward, input_ids, layer=layer, vector=vector, positions=positions,
                                      attention_mask=attention_mask, **forward_kwargs).last_hidden_state
+
+    def final_hidden_per_vector(self, input_ids: torch.Tensor, past_key_values, *, layer: int, vectors: torch.Tensor,
+                                positions: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B * V, S, hidden] of input_ids [B, S] after a key/value
+        cache of B rows, each row under each of its V vectors (vectors [B * V, hidden], a row's V
+        together) added after block `layer` at positions[b]: what final_hidden gives on the rows
+        repeated V times with the cache repeated so, but blocks 0..layer run once per row (no
+        vector reaches them) and only the later blocks once per (row, vector). The blocks up to
+        `layer` are stood in for while the later ones run (no trace: plain forwards, their
+        results passed through). The cache is consumed."""
+        blocks = self.adapter.decoder_layers()
+        n = vectors.shape[0] // input_ids.shape[0]
+        repeated = copy.deepcopy(past_key_values)  # the later blocks' cache, before the shared pass appends to it
+        repeated.batch_repeat_interleave(n)
+        base = self.adapter.base_model()
+        captured: list[torch.Tensor] = []
+
+        def keep(hidden, *args, **kwargs):
+            return hidden
+
+        def capture(*args, **kwargs):
+            captured.append(_tensor(original(*args, **kwargs)))
+            return captured[-1]
+
+        original = blocks[layer].forward
+        with _standing_in(blocks, {**{i: keep for i in range(layer + 1, len(blocks))}, layer: capture}):
+            base(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)  # blocks 0..layer, once per row
+
+        def patched(*args, **kwargs):
+            hidden = captured[0].repeat_interleave(n, 0)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            hidden[rows, positions.repeat_interleave(n).to(hidden.device)] += vectors.to(hidden.device, hidden.dtype)
+            return hidden
+
+        with _standing_in(blocks, {**{i: keep for i in range(layer)}, layer: patched}):
+            return base(input_ids=input_ids.repeat_interleave(n, 0), past_key_values=repeated, use_cache=True).last_hidden_state
 
     def generate(
         self,
@@ -145,6 +183,28 @@ class Patcher:
                 view[rows.to(x.device), -1, row_heads.to(x.device)] = values.to(x.device, x.dtype)
             out.append(nnsight.save(tracer.result))
         return out[0]
+
+
+@contextmanager
+def _standing_in(blocks, forwards: dict):
+    """Blocks' forwards replaced (blocks[i].forward = forwards[i]) for the duration, then the
+    instance's own (nnsight's wrapper, where it set one) given back."""
+    saved = {i: blocks[i].__dict__.get("forward") for i in forwards}
+    try:
+        for i, forward in forwards.items():
+            blocks[i].forward = forward
+        yield
+    finally:
+        for i, forward in saved.items():
+            if forward is None:
+                del blocks[i].forward
+            else:
+                blocks[i].forward = forward
+
+
+def _tensor(output) -> torch.Tensor:
+    """A block's output: its hidden states (transformers 5 blocks return the tensor itself)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def last_prompt_positions(input_ids: torch.Tensor) -> torch.Tensor:

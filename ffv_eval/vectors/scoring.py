@@ -86,7 +86,8 @@ def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Seque
     n_vectors, hidden] float32 on the model's device. Exact and batched: prompts with the same
     number of tokens run together, all but their last token once (key/value cache), then their
     last token and the answer's tokens but the last once per vector, ROWS_PER_PASS rows at a
-    time. With `top`, only the best vectors of each prompt are exact (TopRows)."""
+    time (the blocks up to `layer` once per prompt: Patcher.final_hidden_per_vector). With `top`,
+    only the best vectors of each prompt are exact (TopRows)."""
     device = input_device(patcher.model)
     n = n_vectors
     scores = torch.zeros(len(contexts), n, dtype=torch.float32, device=device)
@@ -101,15 +102,13 @@ def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Seque
             chunk = indices[start : start + group]
             ids = torch.tensor([contexts[i] for i in chunk], dtype=torch.long, device=device)
             cache = base(input_ids=ids[:, :-1], use_cache=True).past_key_values
-            cache.batch_repeat_interleave(n)
             # the prompt's last token, then the answer's tokens but the last, right-padded (pads
-            # come after every real token, so no mask is needed): row (prompt, vector), prompt-major
+            # come after every real token, so no mask is needed): row (prompt, vector), prompt-major;
+            # blocks up to `layer` once per prompt
             tail_ids, _, _ = right_pad([[contexts[i][-1], *answers[i][:-1]] for i in chunk], pad_id, device)
             vectors = vectors_of(chunk)
-            out = patcher.final_hidden(tail_ids.repeat_interleave(n, 0), None, layer=layer,
-                                       vector=vectors.reshape(len(chunk) * n, vectors.shape[-1]),
-                                       positions=torch.zeros(len(chunk) * n, dtype=torch.long, device=device),
-                                       past_key_values=cache, use_cache=True)
+            out = patcher.final_hidden_per_vector(tail_ids, cache, layer=layer, vectors=vectors.reshape(len(chunk) * n, vectors.shape[-1]),
+                                                  positions=torch.zeros(len(chunk), dtype=torch.long, device=device))
             rows = torch.tensor([r for r, i in enumerate(chunk) for _ in answers[i]], dtype=torch.long, device=device)
             steps = torch.tensor([t for i in chunk for t in range(len(answers[i]))], dtype=torch.long, device=device)
             tokens = torch.tensor([t for i in chunk for t in answers[i]], dtype=torch.long, device=device)

@@ -1,9 +1,11 @@
 """Interventions (ffv_eval.models.patching) on tiny random Llama and Gemma 3 models, against plain
 torch-hook references."""
 
+import pytest
 import torch
 
 from ffv_eval.models.patching import Patcher
+from ffv_eval.models.tiny import FAMILY_NAMES, build_tiny_model
 
 
 def test_vector_is_added_only_at_each_rows_position(tiny_model):
@@ -51,3 +53,34 @@ def test_head_outputs_and_head_patches_match_hooks(tiny_model):
         plain = tiny_model(ids).logits[:, -1]
     assert not torch.allclose(logits[0], plain[0], atol=1e-4)  # row 0 patched
     assert torch.allclose(logits[1], plain[1], atol=1e-5)  # row 1 left alone
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_blocks_before_the_vector_run_once_per_row_and_give_the_repeated_rows_result(family):
+    """final_hidden_per_vector (blocks 0..layer once per row, the rest once per vector) equals
+    final_hidden on the rows and their cache repeated once per vector, in every family; the
+    shared blocks run on B rows only, and every block's own forward is given back."""
+    model = build_tiny_model(family, vocab_size=120)
+    patcher = Patcher(model)
+    blocks = patcher.adapter.decoder_layers()
+    layer, n, g = 1, 3, torch.Generator().manual_seed(2)
+    prefix, tail = torch.randint(1, 120, (2, 5), generator=g), torch.randint(1, 120, (2, 3), generator=g)
+    vectors = torch.randn(2 * n, patcher.adapter.hidden_size, generator=g) * 3
+    positions = torch.zeros(2, dtype=torch.long)
+    base = patcher.adapter.base_model()
+    own = [b.__dict__.get("forward") for b in blocks]
+    with torch.no_grad():
+        cache = base(input_ids=prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        expected = patcher.final_hidden(tail.repeat_interleave(n, 0), None, layer=layer, vector=vectors,
+                                        positions=positions.repeat_interleave(n), past_key_values=cache, use_cache=True)
+        cache = base(input_ids=prefix, use_cache=True).past_key_values
+        rows = {0: [], layer + 1: []}  # rows each block's attention output projection saw: the block really ran
+        hooks = [patcher.adapter.o_proj(i).register_forward_hook(lambda m, a, o, i=i: rows[i].append(a[0].shape[0])) for i in rows]
+        got = patcher.final_hidden_per_vector(tail, cache, layer=layer, vectors=vectors, positions=positions)
+        for hook in hooks:
+            hook.remove()
+    assert got.shape == expected.shape == (2 * n, 3, patcher.adapter.hidden_size)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert rows == {0: [2], layer + 1: [2 * n]}  # block 0 once per row, the block after the vector once per vector
+    assert [b.__dict__.get("forward") for b in blocks] == own
