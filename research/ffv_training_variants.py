@@ -37,7 +37,7 @@ from ffv_eval.files.lock import cache_lock
 from ffv_eval.models.loading import input_device, load_model_and_tokenizer
 from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tokens import encode_answers, left_pad, pad_id_of
-from ffv_eval.reports.results_page import REFERENCE_VARIANTS, variant_file
+from ffv_eval.reports.results_page import PROMPTING_VARIANT, REFERENCE_VARIANTS, VARIANT_BASELINE, variant_file
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
 from ffv_eval.vectors.jobs import screened
 from ffv_eval.vectors.library import shipped_path
@@ -106,11 +106,11 @@ def main(argv=None):
         began = time.perf_counter()
         vectors: dict[str, torch.Tensor | None] = {}
         layers = {r: starts[r].metadata["layer"] for r in relations_names}
-        if name == "shipped":
+        if name == VARIANT_BASELINE:
             for r in relations_names:
                 stored = load_vector(shipped_path(args.model, "ffv", r))
                 vectors[r], layers[r] = stored.vector, stored.metadata["layer"]
-        elif name == "10-shot":
+        elif name == PROMPTING_VARIANT:
             vectors = {r: None for r in relations_names}
         else:
             changes = dict(VARIANTS[name])
@@ -131,7 +131,7 @@ def main(argv=None):
         per_relation = {}
         for r in relations_names:
             pairs = list(relations[r].validation)
-            if name == "10-shot":
+            if name == PROMPTING_VARIANT:
                 rng = random.Random(1234)
                 prompts = [fewshot_prompt(rng.sample(list(relations[r].train), N_SHOT), p.input) for p in pairs]
                 texts = generations(patcher, tokenizer, prompts)

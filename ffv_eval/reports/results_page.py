@@ -42,7 +42,8 @@ RELATIONS_RESULTS = ROOT / "leaderboards" / "results" / "relations"
 ANALOGY_RESULTS = ROOT / "leaderboards" / "results" / "analogies"
 VARIANT_RESULTS = ROOT / "research" / "results"
 VARIANT_BASELINE = "shipped"  # the variants are paired against the shipped FFVs
-REFERENCE_VARIANTS = (VARIANT_BASELINE, "10-shot")  # scored, not trained; research/ffv_training_variants.py runs them
+PROMPTING_VARIANT = "10-shot"  # no vector: the relation's 10-shot prompt, the baseline an FFV must beat
+REFERENCE_VARIANTS = (VARIANT_BASELINE, PROMPTING_VARIANT)  # scored, not trained; research/ffv_training_variants.py runs them
 MODELS = ("gemma-3-270m", "smollm2-135m")
 ANALOGY_METRICS = ("acc", "acc_norm", "acc_d", "top_answer", "repeats_abc")
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
