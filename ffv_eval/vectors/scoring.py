@@ -27,6 +27,9 @@ ROWS_PER_PASS = 512  # (prompt, vector) rows run through the model together in c
 # 20-30), differently by a subset's kernel and the full one, so a bound may sit that far under the
 # full score; relations within this many nats of the k best are scored in full.
 LOW_PRECISION_MARGIN = 0.25
+# TopRows: prompts whose final hidden states wait for their bounds together (their full
+# unembeddings batch across them; Gemma 3 270M: 256 x 79 x 640 float32 = 52 MiB)
+BOUNDED_PROMPTS = 256
 
 
 
@@ -115,6 +118,8 @@ def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Seque
             if top is not None:  # bounded after every chunk's forward, so that full unembeddings batch across chunks
                 at = [[j for j, row in enumerate(rows.tolist()) if row == r] for r in range(len(chunk))]
                 bounded += [(i, out[r * n : (r + 1) * n, steps[j]].transpose(0, 1), tokens[j]) for r, (i, j) in enumerate(zip(chunk, at))]
+                if len(bounded) >= BOUNDED_PROMPTS:
+                    _score_bounded(patcher.adapter, bounded, top, scores)
                 continue
             flat_rows = (rows[:, None] * n + torch.arange(n, device=device)).reshape(-1)  # every (token, vector)
             log_prob, _ = answer_log_probs(patcher.adapter, out[flat_rows, steps.repeat_interleave(n)],
@@ -122,9 +127,16 @@ def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Seque
             per_row = torch.zeros(len(chunk) * n, dtype=torch.float32, device=device).index_add(0, flat_rows, log_prob.to(device))
             scores[chunk] = per_row.view(len(chunk), n)
     if bounded:
-        order = [i for i, _, _ in bounded]
-        scores[order] = _top_row_log_probs(patcher.adapter, [h for _, h, _ in bounded], [t for _, _, t in bounded], top).to(device)
+        _score_bounded(patcher.adapter, bounded, top, scores)
     return scores
+
+
+def _score_bounded(adapter, bounded: list, top: TopRows, scores: torch.Tensor) -> None:
+    """scores[prompt] for each (prompt, final hidden, answer tokens) waiting in `bounded`, which
+    is emptied."""
+    order = [i for i, _, _ in bounded]
+    scores[order] = _top_row_log_probs(adapter, [h for _, h, _ in bounded], [t for _, _, t in bounded], top).to(scores.device)
+    bounded.clear()
 
 
 def _top_row_log_probs(adapter, hidden: list[torch.Tensor], tokens: list[torch.Tensor], top: TopRows) -> torch.Tensor:
@@ -135,17 +147,25 @@ def _top_row_log_probs(adapter, hidden: list[torch.Tensor], tokens: list[torch.T
     n = hidden[0].shape[1]
     tokens = [t.to(h.device) for h, t in zip(hidden, tokens)]
     scores = torch.zeros(len(hidden), n, dtype=torch.float32, device=hidden[0].device)
-    # float32, as _chunk_log_probs; the reference's full logits also pick each position's candidates
-    ref_logits = adapter.unembed(torch.cat([h[:, top.reference] for h in hidden])).float()
+    # the reference column in full, LOGIT_ROWS answer positions at a time: its log-probabilities
+    # and each position's candidates (float32, as _chunk_log_probs)
+    positions = torch.cat([h[:, top.reference] for h in hidden])
+    answer_ids = torch.cat(tokens)
+    ref_log_probs, candidates = [], []
+    for start in range(0, positions.shape[0], LOGIT_ROWS):
+        logits = adapter.unembed(positions[start : start + LOGIT_ROWS]).float()
+        ids = answer_ids[start : start + LOGIT_ROWS].to(logits.device)
+        ref_log_probs.append(logits.log_softmax(-1).gather(-1, ids[:, None])[:, 0])
+        candidates.append(logits.topk(min(top.candidates, logits.shape[-1]), dim=-1).indices)
+    ref_log_probs, candidates = torch.cat(ref_log_probs), torch.cat(candidates)
     offsets = torch.zeros(n, device="cpu") if top.offsets is None else top.offsets.float().cpu()  # ranks are compared on the CPU
-    margin = top.margin if ref_logits.dtype == torch.float32 and hidden[0].dtype == torch.float32 else max(top.margin, LOW_PRECISION_MARGIN)
+    margin = top.margin if positions.dtype == torch.float32 else max(top.margin, LOW_PRECISION_MARGIN)  # the model's dtype
     ranks, start = [], 0
     for i, (h, t) in enumerate(zip(hidden, tokens)):
-        logits = ref_logits[start : start + len(t)]
+        rows = slice(start, start + len(t))
         start += len(t)
-        scores[i, top.reference] = logits.log_softmax(-1).gather(-1, t[:, None].to(logits.device)).sum()
-        subset = torch.unique(torch.cat([logits.topk(min(top.candidates, logits.shape[-1]), dim=-1).indices.reshape(-1),
-                                         t.to(logits.device)]))
+        scores[i, top.reference] = ref_log_probs[rows].sum().to(scores.device)
+        subset = torch.unique(torch.cat([candidates[rows].reshape(-1), t.to(candidates.device)]))
         sub_logits = adapter.unembed(h, subset).float()  # [T, n, |subset|]
         at = torch.searchsorted(subset, t.to(subset.device))
         answer_logit = sub_logits.gather(-1, at[:, None, None].expand(-1, n, 1).to(sub_logits.device))[..., 0]

@@ -65,6 +65,29 @@ def test_basis_posterior_unembeds_at_most_logit_rows(monkeypatch):
     assert max(rows) == 3 and bounded.shape == (2, 7) and same_values(bounded, full)
 
 
+def test_top_rows_unembed_at_most_logit_rows_in_full_and_wait_in_bounded_groups(monkeypatch):
+    """TopRows: every full-vocabulary unembedding (the reference's, the best vectors') holds at
+    most LOGIT_ROWS rows, and prompts wait for their bounds at most BOUNDED_PROMPTS at a time,
+    with the same scores."""
+    basis = Basis([f"r{i}" for i in range(7)], torch.randn(7, 32, generator=torch.Generator().manual_seed(2)) * 3, 1, "x", Path("."))
+    stems = [("ab", "ba"), ("cd", "dc"), ("efg", "gf"), ("h", "ij")]
+    top = scoring.TopRows(k=2, reference=7, candidates=5)
+    full_counts = []
+
+    def run(p):
+        counter = RowCounter(p.adapter)
+        out = basis_logprobs(p, CharTokenizer(), basis, stems, with_baseline=True, top=top)
+        full_counts.append([r for r, subset in zip(counter.rows, counter.subsets) if subset is None])
+        p.adapter.unembed = counter.inner
+        return out
+
+    monkeypatch.setattr(scoring, "BOUNDED_PROMPTS", 3)
+    bounded, full, _ = _bounded_and_unbounded(monkeypatch, run)
+    assert max(full_counts[0]) <= 3 and same_values(bounded, full)
+    monkeypatch.setattr(scoring, "BOUNDED_PROMPTS", 1)
+    assert same_values(run(Patcher(tiny_llama())), full)  # one prompt's bounds at a time
+
+
 def test_training_with_bounded_logits_equals_unbounded_training(monkeypatch):
     initials = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
     settings = TrainingSettings(n_pairs=5, steps=4, batch_size=4)
