@@ -37,8 +37,7 @@ class Patcher:
     # -- adding a vector to the residual stream -------------------------------------------
     def _add_at(self, layer: int, vector: torch.Tensor, positions: torch.Tensor) -> None:
         """Inside a trace: residual[b, positions[b]] += vector[b] after decoder block `layer`."""
-        hidden = self._layer(layer).output
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = _tensor(self._layer(layer).output)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         hidden[rows, positions.to(hidden.device)] += vector.to(hidden.device, hidden.dtype)
 
@@ -76,6 +75,7 @@ class Patcher:
         repeated.batch_repeat_interleave(n)
         base = self.adapter.base_model()
         captured: list[torch.Tensor] = []
+        original = blocks[layer].forward
 
         def keep(hidden, *args, **kwargs):
             return hidden
@@ -84,7 +84,6 @@ class Patcher:
             captured.append(_tensor(original(*args, **kwargs)))
             return captured[-1]
 
-        original = blocks[layer].forward
         with _standing_in(blocks, {**{i: keep for i in range(layer + 1, len(blocks))}, layer: capture}):
             base(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)  # blocks 0..layer, once per row
 

@@ -112,15 +112,15 @@ def cached_tail_log_probs(patcher: Patcher, layer: int, contexts: Sequence[Seque
             vectors = vectors_of(chunk)
             out = patcher.final_hidden_per_vector(tail_ids, cache, layer=layer, vectors=vectors.reshape(len(chunk) * n, vectors.shape[-1]),
                                                   positions=torch.zeros(len(chunk), dtype=torch.long, device=device))
-            rows = torch.tensor([r for r, i in enumerate(chunk) for _ in answers[i]], dtype=torch.long, device=device)
-            steps = torch.tensor([t for i in chunk for t in range(len(answers[i]))], dtype=torch.long, device=device)
-            tokens = torch.tensor([t for i in chunk for t in answers[i]], dtype=torch.long, device=device)
             if top is not None:  # bounded after every chunk's forward, so that full unembeddings batch across chunks
-                at = [[j for j, row in enumerate(rows.tolist()) if row == r] for r in range(len(chunk))]
-                bounded += [(i, out[r * n : (r + 1) * n, steps[j]].transpose(0, 1), tokens[j]) for r, (i, j) in enumerate(zip(chunk, at))]
+                bounded += [(i, out[r * n : (r + 1) * n, : len(answers[i])].transpose(0, 1).contiguous(),
+                             torch.tensor(answers[i], dtype=torch.long, device=device)) for r, i in enumerate(chunk)]
                 if len(bounded) >= BOUNDED_PROMPTS:
                     _score_bounded(patcher.adapter, bounded, top, scores)
                 continue
+            rows = torch.tensor([r for r, i in enumerate(chunk) for _ in answers[i]], dtype=torch.long, device=device)
+            steps = torch.tensor([t for i in chunk for t in range(len(answers[i]))], dtype=torch.long, device=device)
+            tokens = torch.tensor([t for i in chunk for t in answers[i]], dtype=torch.long, device=device)
             flat_rows = (rows[:, None] * n + torch.arange(n, device=device)).reshape(-1)  # every (token, vector)
             log_prob, _ = answer_log_probs(patcher.adapter, out[flat_rows, steps.repeat_interleave(n)],
                                            tokens.repeat_interleave(n))  # float32
@@ -149,17 +149,17 @@ def _top_row_log_probs(adapter, hidden: list[torch.Tensor], tokens: list[torch.T
     scores = torch.zeros(len(hidden), n, dtype=torch.float32, device=hidden[0].device)
     # the reference column in full, LOGIT_ROWS answer positions at a time: its log-probabilities
     # and each position's candidates (float32, as _chunk_log_probs)
-    positions = torch.cat([h[:, top.reference] for h in hidden])
+    reference_hidden = torch.cat([h[:, top.reference] for h in hidden])
     answer_ids = torch.cat(tokens)
     ref_log_probs, candidates = [], []
-    for start in range(0, positions.shape[0], LOGIT_ROWS):
-        logits = adapter.unembed(positions[start : start + LOGIT_ROWS]).float()
+    for start in range(0, reference_hidden.shape[0], LOGIT_ROWS):
+        logits = adapter.unembed(reference_hidden[start : start + LOGIT_ROWS]).float()
         ids = answer_ids[start : start + LOGIT_ROWS].to(logits.device)
         ref_log_probs.append(logits.log_softmax(-1).gather(-1, ids[:, None])[:, 0])
         candidates.append(logits.topk(min(top.candidates, logits.shape[-1]), dim=-1).indices)
     ref_log_probs, candidates = torch.cat(ref_log_probs), torch.cat(candidates)
     offsets = torch.zeros(n, device="cpu") if top.offsets is None else top.offsets.float().cpu()  # ranks are compared on the CPU
-    margin = top.margin if positions.dtype == torch.float32 else max(top.margin, LOW_PRECISION_MARGIN)  # the model's dtype
+    margin = top.margin if reference_hidden.dtype == torch.float32 else max(top.margin, LOW_PRECISION_MARGIN)  # the model's dtype
     ranks, start = [], 0
     for i, (h, t) in enumerate(zip(hidden, tokens)):
         rows = slice(start, start + len(t))
