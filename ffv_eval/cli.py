@@ -55,7 +55,8 @@ def _train(args) -> None:
     from ffv_eval.vectors.jobs import train_and_save
 
     settings = TrainingSettings(**_given(n_pairs=args.pairs_count, steps=args.steps, batch_size=args.batch_size,
-                                         learning_rate=args.lr, l2=args.l2, init=args.init, seed=args.seed, loss=args.loss))
+                                         learning_rate=args.lr, l2=args.l2, init=args.init, seed=args.seed, loss=args.loss,
+                                         scale=args.scale))
     for relation in args.relation:
         train_and_save(args.model, relation, args.out, args.start_from, args.data_dir, settings, args.pairs, args.force,
                        placement=placement_of(args))
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="Adam learning rate, relative to the vector's RMS")
     p.add_argument("--l2", type=float, help="weight of the L2 term (|v|/|v0|)^2")
+    p.add_argument("--scale", type=float, help="the trained vector is saved multiplied by this")
     p.add_argument("--seed", type=int)
     p.add_argument("--force", action="store_true")
     add_placement_arguments(p)

@@ -45,29 +45,39 @@ from ffv_eval.vectors.store import load_vector
 
 ALL_PAIRS = 10_000  # n_pairs above any split: every screened training pair
 
-# name -> TrainingSettings fields changed from the defaults (n_pairs ALL_PAIRS: all of the train split)
+# name -> TrainingSettings fields changed from the defaults (n_pairs ALL_PAIRS: all of the train split).
+# Every variant before the scale ones was run when the trained vector was saved as trained:
+# "scale": 1.0 says so, and reruns them so.
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "loss-answer": {"loss": "answer"},  # the default before these variants (the paper's loss)
-    "loss-answer-newline": {"loss": "answer-newline"},
+    "loss-answer": {"loss": "answer", "scale": 1.0},  # the default before these variants (the paper's loss)
+    "loss-answer-newline": {"loss": "answer-newline", "scale": 1.0},
     # variants of the "answer" loss, tried before "answer-newline" became the default
-    "pairs-all": {"loss": "answer", "n_pairs": ALL_PAIRS},
-    "pairs-all-steps-120": {"loss": "answer", "n_pairs": ALL_PAIRS, "steps": 120},
-    "pairs-all-batch-8": {"loss": "answer", "n_pairs": ALL_PAIRS, "batch_size": 8},
-    "steps-30": {"loss": "answer", "steps": 30},
-    "steps-120": {"loss": "answer", "steps": 120},
-    "l2-0.1": {"loss": "answer", "l2": 0.1},
-    "l2-0": {"loss": "answer", "l2": 0.0},
-    "lr-0.02": {"loss": "answer", "learning_rate": 0.02},
-    "pairs-all-l2-0.1": {"loss": "answer", "n_pairs": ALL_PAIRS, "l2": 0.1},
+    "pairs-all": {"loss": "answer", "n_pairs": ALL_PAIRS, "scale": 1.0},
+    "pairs-all-steps-120": {"loss": "answer", "n_pairs": ALL_PAIRS, "steps": 120, "scale": 1.0},
+    "pairs-all-batch-8": {"loss": "answer", "n_pairs": ALL_PAIRS, "batch_size": 8, "scale": 1.0},
+    "steps-30": {"loss": "answer", "steps": 30, "scale": 1.0},
+    "steps-120": {"loss": "answer", "steps": 120, "scale": 1.0},
+    "l2-0.1": {"loss": "answer", "l2": 0.1, "scale": 1.0},
+    "l2-0": {"loss": "answer", "l2": 0.0, "scale": 1.0},
+    "lr-0.02": {"loss": "answer", "learning_rate": 0.02, "scale": 1.0},
+    "pairs-all-l2-0.1": {"loss": "answer", "n_pairs": ALL_PAIRS, "l2": 0.1, "scale": 1.0},
     # "layer": every relation's FFV trained (from its FV) and added at this layer, not its FV's
-    "layer-4": {"loss": "answer", "layer": 4},
-    "layer-6": {"loss": "answer", "layer": 6},
-    "layer-8": {"loss": "answer", "layer": 8},
+    "layer-4": {"loss": "answer", "layer": 4, "scale": 1.0},
+    "layer-6": {"loss": "answer", "layer": 6, "scale": 1.0},
+    "layer-8": {"loss": "answer", "layer": 8, "scale": 1.0},
     # the two best "answer" variants above, combined with the "answer-newline" loss
-    "newline-lr-0.02": {"loss": "answer-newline", "learning_rate": 0.02},
-    "newline-layer-6": {"loss": "answer-newline", "layer": 6},
+    "newline-lr-0.02": {"loss": "answer-newline", "learning_rate": 0.02, "scale": 1.0},
+    "newline-layer-6": {"loss": "answer-newline", "layer": 6, "scale": 1.0},
+    # the scale the trained vector is saved multiplied by (the shipped loss): training is
+    # deterministic and the scale applied after it, so these rescale the shipped FFVs (stored
+    # vector x scale / its own scale) instead of training them again
+    **{f"scale-{s:g}": {"scale": s} for s in (0.5, 0.6, 0.75, 0.8, 0.85, 0.9, 1.0, 1.25, 1.5, 2.0)},
 }
+# A relation-level calibration, from the scale- records above (no model run): each relation's
+# validation questions are split by parity, and each half is scored with the scale that did best
+# on the other half (ties to the scale nearest the default)
+PER_RELATION_SCALE = "scale-per-relation"
 MAX_NEW_TOKENS = 8  # as the relation tasks generate (tasks/relations/_relation_template_yaml)
 N_SHOT = 10
 
@@ -85,6 +95,37 @@ def score(texts, pairs):
     return [first_word_match(t, p.output) for t, p in zip(texts, pairs)]
 
 
+def per_relation_scale(variants: dict) -> dict:
+    """The PER_RELATION_SCALE record, from the scale- records in `variants` (a variants file's)."""
+    scales = {name: VARIANTS[name]["scale"] for name in variants if name.startswith("scale-") and name in VARIANTS}
+    if not scales:
+        sys.exit(f"{PER_RELATION_SCALE} needs the scale- variants scored first")
+    default = TrainingSettings().scale
+    per_relation = {}
+    for r, reference in variants[next(iter(scales))]["relations"].items():
+        n = len(reference["correct"])
+        correct = [0.0] * n
+        for half in (0, 1):
+            chosen_on = [i for i in range(n) if i % 2 != half]
+            best = max(scales, key=lambda name: (sum(variants[name]["relations"][r]["correct"][i] for i in chosen_on),
+                                                 -abs(scales[name] - default)))
+            for i in range(half, n, 2):
+                correct[i] = variants[best]["relations"][r]["correct"][i]
+        per_relation[r] = {"correct": correct, "n_train": reference["n_train"]}
+    settings = {"scale": f"per relation, chosen on the other half of its questions from {len(scales)} scales"}
+    return {"settings": settings, "train_seconds": 0.0, "relations": per_relation}
+
+
+def merge(out: Path, model: str, name: str, record: dict) -> None:
+    """Write one variant's record into the variants file `out` (merged under a lock)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(out.with_suffix(".lock"), "merges a variant"):
+        data = json.loads(out.read_text()) if out.exists() else {"model": model, "split": "validation",
+                                                                    "metric": "first-word exact match", "variants": {}}
+        data["variants"][name] = record
+        atomic_write_text(out, json.dumps(data, indent=1) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
@@ -92,9 +133,16 @@ def main(argv=None):
     parser.add_argument("--relations", nargs="*", default=None)
     parser.add_argument("--out", help="the variants file (default: research/results/ffv-variants-<model>.json)")
     args = parser.parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS and v not in REFERENCE_VARIANTS]
+    unknown = [v for v in args.variants if v not in VARIANTS and v not in REFERENCE_VARIANTS and v != PER_RELATION_SCALE]
     if unknown:
-        sys.exit(f"unknown variants {unknown}; known: {', '.join(REFERENCE_VARIANTS + tuple(VARIANTS))}")
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(REFERENCE_VARIANTS + tuple(VARIANTS))}, {PER_RELATION_SCALE}")
+    out = Path(args.out) if args.out else variant_file(args.model)
+    if PER_RELATION_SCALE in args.variants:
+        recorded = json.loads(out.read_text())["variants"] if out.exists() else {}
+        merge(out, args.model, PER_RELATION_SCALE, per_relation_scale(recorded))
+        args.variants = [v for v in args.variants if v != PER_RELATION_SCALE]
+        if not args.variants:
+            return
     relations_names = args.relations or project_relations()
     screen = test_screen(data_dir_from_env())
     relations = {r: screened(load_project_relation(r), screen, lambda m: None) for r in relations_names}
@@ -106,14 +154,15 @@ def main(argv=None):
         began = time.perf_counter()
         vectors: dict[str, torch.Tensor | None] = {}
         layers = {r: starts[r].metadata["layer"] for r in relations_names}
-        if name == VARIANT_BASELINE:
+        changes = dict(VARIANTS.get(name, {}))
+        if name == VARIANT_BASELINE or (changes and set(changes) <= {"scale"}):
             for r in relations_names:
                 stored = load_vector(shipped_path(args.model, "ffv", r))
-                vectors[r], layers[r] = stored.vector, stored.metadata["layer"]
+                rescale = changes["scale"] / stored.metadata["scale"] if changes else 1.0
+                vectors[r], layers[r] = stored.vector * rescale, stored.metadata["layer"]
         elif name == PROMPTING_VARIANT:
             vectors = {r: None for r in relations_names}
         else:
-            changes = dict(VARIANTS[name])
             if "layer" in changes:
                 layers = {r: changes["layer"] for r in relations_names}
             settings = dataclasses.replace(TrainingSettings(), **{k: v for k, v in changes.items() if k != "layer"})
@@ -144,13 +193,7 @@ def main(argv=None):
         correct = [c for v in per_relation.values() for c in v["correct"]]
         print(f"{name}: validation exact match {sum(correct) / len(correct):.3f} over {len(correct)} questions "
               f"(trained in {trained:.0f}s)", flush=True)
-        out = Path(args.out) if args.out else variant_file(args.model)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with cache_lock(out.with_suffix(".lock"), "merges a variant"):
-            data = json.loads(out.read_text()) if out.exists() else {"model": args.model, "split": "validation",
-                                                                        "metric": "first-word exact match", "variants": {}}
-            data["variants"][name] = record
-            atomic_write_text(out, json.dumps(data, indent=1) + "\n")
+        merge(out, args.model, name, record)
 
 
 if __name__ == "__main__":

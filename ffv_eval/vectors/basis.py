@@ -137,8 +137,10 @@ def build_basis(
             missing.append(relation)
     progress(f"[ffv] basis for {model_alias}: {len(relations)} relations, {len(relations) - len(missing)} cached, "
              f"{len(missing)} to train at layer {heads.layer} (heads {', '.join(f'L{layer}H{h}' for layer, h in heads.heads)}, x{heads.scale:g})")
+    # scale 1: the CFV's map chooses how strongly the basis vectors are added (its own scale,
+    # chosen on validation questions), not the relation FFVs' scale
     training = TrainingSettings(n_pairs=settings.n_pairs, steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed,
-                                loss=settings.loss)
+                                loss=settings.loss, scale=1.0)
     bar = tqdm(total=len(missing), unit="relation", desc=f"basis {model_alias}", disable=None if missing else True)
     for start in range(0, len(missing), settings.relations_per_pass):
         group = missing[start : start + settings.relations_per_pass]

@@ -129,7 +129,8 @@ def train_and_save(
 ) -> Path:
     """Train an FFV from the relation's FV (`start_from`, default the shipped FV of the model)
     or from a random vector of the FV's norm (settings.init == "random")."""
-    placement = placement.checked()  # device and dtype errors before any model work
+    placement = placement.checked()  # device, dtype and setting errors before any model work
+    settings = settings.checked()
     screen = test_screen(data_dir)
     relation = screened(load_relation(relation_name, data_dir), screen, progress)
     pairs = list(relation.train)
@@ -173,7 +174,7 @@ def train_and_save(
         "model_fingerprint": fingerprint,
         "model_type": model.config.model_type,
         "layer": layer,
-        "scale": 1.0,
+        "scale": settings.scale,  # already applied to the vector
         "heads": start.metadata.get("heads", []),
         "init": settings.init,
         "initial_vector": {"file": fv_path.name, "sha256": file_sha256(fv_path)},

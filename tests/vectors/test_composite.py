@@ -52,6 +52,18 @@ def test_basis_vectors_are_trained_stored_and_reused(small_basis):
         meta = load_vector(b.directory / f"{relation.name}.safetensors").metadata
         assert meta["kind"] == "basis" and meta["layer"] == b.basis.layer and meta["model_fingerprint"] == b.fingerprint
         assert meta["metrics"]["training_first_token_accuracy"] >= meta["metrics"]["training_first_token_accuracy_at_init"]
+    # the basis vectors are saved as trained, whatever the relation FFVs' scale: the map scales them
+    from ffv_eval.vectors.basis import function_heads, starting_vector
+    from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
+
+    s = b.settings
+    heads = function_heads("gemma-3-270m")
+    initials = torch.stack([starting_vector(b.patcher, b.tok, r, heads, s) for r in b.relations])
+    trained = train_function_vectors(b.patcher, b.tok, [r.pairs[: s.n_pairs] for r in b.relations], heads.layer, initials,
+                                     TrainingSettings(n_pairs=s.n_pairs, steps=s.steps, batch_size=s.batch_size, seed=s.seed,
+                                                      loss=s.loss, scale=1.0))
+    assert TrainingSettings().scale != 1.0  # so that a basis saved at the default scale would differ by 15%
+    torch.testing.assert_close(b.basis.vectors, torch.stack([t.vector for t in trained]), rtol=1e-3, atol=1e-2)
     again = []
     build_basis(b.patcher, b.tok, "gemma-3-270m", b.fingerprint, b.relations, b.directory, b.settings, progress=again.append)
     assert "4 cached, 0 to train" in again[0]

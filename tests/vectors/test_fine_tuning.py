@@ -55,6 +55,7 @@ def test_training_lowers_the_loss_and_is_bit_identical_when_repeated(tmp_path):
     assert meta["metrics"]["last_loss"] < meta["metrics"]["first_loss"]
     assert not torch.equal(stored.vector, fv.vector)
     assert meta["data"]["n_test"] >= 50 and meta["settings"]["n_pairs"] == 20
+    assert meta["scale"] == meta["settings"]["scale"] == QUICK.scale  # applied to the saved vector
 
 
 @pytest.mark.slow
@@ -168,6 +169,24 @@ def test_the_first_step_loss_equals_a_hooked_forward_over_the_answer_tokens(loss
         others = [other for other in ("answer", "answer-newline", "first-token") if other != loss]
         for other in others:
             assert result.losses[0] != pytest.approx(_hooked_answer_loss(model, tokenizer, pairs, 1, initial, other), rel=1e-3)
+
+
+def test_the_trained_vector_is_returned_times_the_scale_and_the_training_is_unchanged():
+    torch.manual_seed(0)
+    patcher, tokenizer = Patcher(tiny_llama()), CharTokenizer()
+    initial = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    as_trained = train_function_vector(patcher, tokenizer, _relation(1), 1, initial, TrainingSettings(steps=6, batch_size=3, scale=1.0))
+    scaled = train_function_vector(patcher, tokenizer, _relation(1), 1, initial, TrainingSettings(steps=6, batch_size=3, scale=0.5))
+    assert scaled.losses == as_trained.losses
+    assert torch.equal(scaled.vector, as_trained.vector * 0.5)
+    assert torch.equal(scaled.initial_vector, as_trained.initial_vector)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_scale_that_is_not_a_positive_number_is_refused(scale):
+    with pytest.raises(SettingError, match="--scale must be a positive number"):
+        train_function_vector(Patcher(tiny_llama()), CharTokenizer(), _relation(1), 1, torch.randn(32),
+                              TrainingSettings(steps=1, scale=scale))
 
 
 def test_an_unknown_loss_is_refused():

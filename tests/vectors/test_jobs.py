@@ -114,3 +114,17 @@ def test_gemma_trains_in_bfloat16_from_the_float32_fv(tmp_path):
     metrics = trained.metadata["metrics"]
     assert metrics["last_loss"] < metrics["first_loss"]
     assert metrics["validation_first_token_accuracy"] > metrics["validation_first_token_accuracy_at_init"]
+
+
+@pytest.mark.parametrize("bad, message", [({"scale": 0.0}, "--scale must be a positive number"),
+                                          ({"loss": "whole"}, "--loss must be one of"),
+                                          ({"init": "zeros"}, "--init must be 'fv' or 'random'")])
+def test_training_settings_are_refused_before_any_model_work(tmp_path, bad, message):
+    from ffv_eval.errors import SettingError
+    from ffv_eval.vectors.jobs import train_and_save
+
+    said = []
+    with pytest.raises(SettingError, match=message):
+        train_and_save("gemma-3-270m", "antonym", out=str(tmp_path / "ffv.safetensors"), settings=TrainingSettings(**bad),
+                       progress=said.append)
+    assert said == [] and list(tmp_path.iterdir()) == []
