@@ -29,6 +29,16 @@ def placement_of(args):
     return Placement(**_given(device=args.device, dtype=args.dtype, device_map=args.device_map)).checked()
 
 
+def _margin(text: str) -> float | None:
+    """A --no-relation margin: a number of nats, or none (no such option)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of nats or none") from None
+
+
 def _given(**options) -> dict:
     """The options given on the command line. The others are None (their arguments have no
     default here), so the settings dataclass or job function they go to applies its own default:
@@ -102,11 +112,12 @@ def _basis_build(args) -> None:
     from ffv_eval.vectors.composite_jobs import build_basis_and_map
 
     build_basis_and_map(args.model, args.data_dir, args.sources, args.out, args.force,
-                        BasisSettings(**_given(steps=args.steps, relations_per_pass=args.relations_per_pass)),
+                        BasisSettings(**_given(steps=args.steps, relations_per_pass=args.relations_per_pass, layer=args.layer)),
                         MapSettings(**_given(steps=args.map_steps, stems_per_relation=args.stems_per_relation,
                                              targets_per_stem=args.targets_per_stem, posterior=args.posterior,
                                              map=args.map, top_k=args.top_k and tuple(args.top_k),
                                              scales=args.scales and tuple(args.scales),
+                                             no_relation=args.no_relation and tuple(args.no_relation),
                                              question_sets=None if args.question_sets is None else tuple(args.question_sets),
                                              questions_per_set=args.questions_per_set)),
                         args.max_relations, placement=placement_of(args), screen=not args.no_screen)
@@ -274,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="basis directory (default: ./vectors/<model>/basis in the working directory)")
     p.add_argument("--steps", type=int, help="training steps per basis FFV")
     p.add_argument("--relations-per-pass", type=int, help="relations trained together in one forward pass")
+    p.add_argument("--layer", type=int, help="the block the basis FFVs are added after (default: the most common layer of the "
+                                             "model's shipped FFVs); build each layer into its own --out")
     p.add_argument("--map-steps", type=int, help="steps fitting the affine map")
     p.add_argument("--stems-per-relation", type=int, help="source pairs A:B per basis relation in the map's training analogies")
     p.add_argument("--targets-per-stem", type=int, help="C:D pairs per source pair in the map's training analogies")
@@ -286,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, nargs="+", metavar="K",
                    help="posterior sharpness tried with W = s I: keep each posterior's K most likely relations (0: all; default 0 1 3)")
     p.add_argument("--scales", type=float, nargs="+", metavar="S", help="CFV scales s tried with W = s I (default 0.25 0.5 1)")
+    p.add_argument("--no-relation", type=_margin, nargs="+", metavar="M",
+                   help="margins (nats) of a 'no relation' option tried with W = s I: it scores the prompt without a vector "
+                        "plus M and its mass adds no vector ('none': no such option; default none)")
     p.add_argument("--question-sets", nargs="*", choices=["u2", "u4", "bats", "google"], metavar="SET",
                    help="multiple-choice sets whose valid.jsonl questions choose the CFV settings by acc_d, where the data "
                         "directory has them (default: u2 u4 bats google; none: held-out relations choose)")

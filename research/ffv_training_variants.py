@@ -73,6 +73,9 @@ VARIANTS: dict[str, dict] = {
     # deterministic and the scale applied after it, so these rescale the shipped FFVs (stored
     # vector x scale / its own scale) instead of training them again
     **{f"scale-{s:g}": {"scale": s} for s in (0.5, 0.6, 0.75, 0.8, 0.85, 0.9, 1.0, 1.25, 1.5, 2.0)},
+    # the shipped settings plus an unlikelihood term against answering with the input's own
+    # first token (the FFV's commonest miss on english-french: "egg" -> "egg")
+    **{f"copy-penalty-{w:g}": {"copy_penalty": w} for w in (0.3, 1.0)},
 }
 # A relation-level calibration, from the scale- records above (no model run): each relation's
 # validation questions are split by parity, and each half is scored with the scale that did best

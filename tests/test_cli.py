@@ -31,3 +31,17 @@ def test_every_model_subcommand_refuses_a_missing_device_before_any_model_work(a
         assert main([*args, *extra]) == 2
         assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_basis_build_takes_no_relation_margins_and_refuses_a_bad_one_before_any_model_work(monkeypatch, capsys):
+    from ffv_eval.cli import main
+    from ffv_eval.vectors import composite_jobs
+
+    seen = []
+    monkeypatch.setattr(composite_jobs, "build_basis_and_map", lambda *a, **k: seen.append(a[6]))
+    assert main(["basis", "build", "--no-relation", "none", "1.5", "--scales", "0.5"]) in (0, None)
+    assert seen[0].no_relation == (None, 1.5) and seen[0].scales == (0.5,)
+    with pytest.raises(SystemExit) as exit_:
+        main(["basis", "build", "--no-relation", "high"])
+    assert exit_.value.code == 2 and "'high': expected a number of nats or none" in capsys.readouterr().err
+    assert len(seen) == 1

@@ -23,3 +23,50 @@ def test_ties_go_to_the_scale_nearest_the_default():
                 "scale-2": _record([0.0, 1.0, 0.0, 1.0])}
     assert per_relation_scale(variants)["relations"]["r"]["correct"] == [1.0, 1.0, 1.0, 1.0]
     assert PER_RELATION_SCALE not in variants
+
+
+# research/cfv_layer_search.py: each layer's basis, the settings its fit chose, the layer chosen,
+# and the results page's check that the shipped basis is the chosen one
+def _composite(layer, acc_d, unpatched=0.5, margin=None):
+    candidates = [{"posterior": "softmax", "map": "identity", "top_k": 1, "scale": s, "no_relation": margin,
+                   "acc_d": {"u2": a, "u4": a, "mean": a}} for s, a in ((0.5, acc_d), (1.0, acc_d - 0.1))]
+    return {"format": "ffv-eval/composite/1", "model": "m", "model_fingerprint": "f" * 16, "layer": layer, "basis": ["r0", "r1"],
+            "posterior": "softmax", "temperature": 1.0, "top_k": 1,
+            "posterior_choice": {"posterior": "softmax", "map": "identity", "top_k": 1, "scale": 0.5, "no_relation": margin, "by": "x"},
+            "validation_questions": {"sets": ["u2", "u4"], "questions": {"u2": 3, "u4": 4}, "split": "valid", "metric": "acc_d",
+                                     "unpatched": {"u2": unpatched, "u4": unpatched, "mean": unpatched}, "candidates": candidates},
+            "validation": {"reporting": {"analogies": 9, "unpatched": {"accuracy": 0.1}, "chosen": {"accuracy": 0.2}}}}
+
+
+def test_the_layer_search_keeps_each_layers_choice_and_picks_the_best_on_validation(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    from ffv_eval.reports import results_page
+    from research import cfv_layer_search
+
+    monkeypatch.setattr(cfv_layer_search, "read_composite_metadata", lambda d: json.loads((d / "composite.json").read_text()))
+    monkeypatch.setattr(cfv_layer_search, "function_heads", lambda model: type("H", (), {"layer": 6})())
+    for layer, acc in ((4, 0.6), (6, 0.7), (9, 0.7)):
+        (tmp_path / f"L{layer}").mkdir()
+        (tmp_path / f"L{layer}" / "composite.json").write_text(json.dumps(_composite(layer, acc, margin=2.0 if layer == 9 else None)))
+    out = tmp_path / "research" / "cfv-layers-m.json"
+    assert cfv_layer_search.main(["--model", "m", *(str(tmp_path / f"L{n}") for n in (9, 4, 6)), "--out", str(out)]) == 0
+    search = json.loads(out.read_text())
+    assert search["chosen_layer"] == 6 and search["ffv_layer"] == 6  # 6 and 9 tie at 0.7: the FFVs' layer
+    assert list(search["layers"]) == ["4", "6", "9"] and search["layers"]["9"]["chosen"]["no_relation"] == 2.0
+    assert search["layers"]["4"]["acc_d"]["mean"] == 0.6 and search["layers"]["4"]["held_out_reporting"]["chosen"] == 0.2
+
+    vectors = tmp_path / "vectors"
+    (vectors / "m" / "basis").mkdir(parents=True)
+    (vectors / "m" / "basis" / "composite.json").write_text((tmp_path / "L6" / "composite.json").read_text())
+    block = results_page.cfv_layers_block(("m",), out.parent, vectors)
+    assert "| layer 6 (shipped) | 2 | softmax, identity, top_k 1, scale 0.5, no-relation none (of 2) | 0.700 |" in block
+    assert "| layer 9 | 2 | softmax, identity, top_k 1, scale 0.5, no-relation 2 (of 2) | 0.700 |" in block
+    (vectors / "m" / "basis" / "composite.json").write_text((tmp_path / "L4" / "composite.json").read_text())
+    with pytest.raises(results_page.PairingError, match="the shipped basis \\(layer 4.*is not the one .*chose \\(layer 6"):
+        results_page.cfv_layers_block(("m",), out.parent, vectors)
+    (tmp_path / "L4" / "composite.json").write_text(json.dumps(_composite(6, 0.1)))  # a second basis at layer 6
+    with pytest.raises(SystemExit, match="a second basis at layer 6"):
+        cfv_layer_search.main(["--model", "m", str(tmp_path / "L6"), str(tmp_path / "L4"), "--out", str(out)])

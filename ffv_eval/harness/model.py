@@ -306,8 +306,10 @@ class FFVPatchedLM(HFLM):
                     f"{_digest(self.stored_vector.vector)}")
         if self.composite is not None:
             cmap = self.composite.cmap
-            return (f"{self.fingerprint} cfv layer {self.patch_layer} x{self.patch_scale!r} T {cmap.temperature!r} "
-                    f"{' '.join(cmap.basis.names)} {_digest(cmap.weight, cmap.bias, cmap.basis.vectors)}")
+            baseline = () if cmap.relation_baseline is None else (cmap.relation_baseline,)
+            return (f"{self.fingerprint} cfv layer {self.patch_layer} x{self.patch_scale!r} {cmap.posterior_kind} T {cmap.temperature!r} "
+                    f"top_k {cmap.top_k} no_relation {cmap.no_relation!r} {' '.join(cmap.basis.names)} "
+                    f"{_digest(cmap.weight, cmap.bias, cmap.basis.vectors, *baseline)}")
         return None
 
     # -- per-request plans: which vector, and where -----------------------------------------

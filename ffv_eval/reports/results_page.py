@@ -18,7 +18,10 @@ Blocks:
                     gave on the other held-out relations
     alignment       per model, FV and FFV against human relational-similarity judgments
     ffv_variants    per model, every FFV training variant tried on the relations' validation
-                    splits (research/ffv_training_variants.py), paired against the shipped FFVs"""
+                    splits (research/ffv_training_variants.py), paired against the shipped FFVs
+    cfv_layers      per model with a layer search (research/cfv_layer_search.py), each layer's
+                    basis and the settings chosen there, on the validation questions; the
+                    shipped basis must be at the chosen layer, with the same figures"""
 
 from __future__ import annotations
 
@@ -118,19 +121,20 @@ def overlap_block(board: Leaderboard) -> str:
 
 def cfv_settings_block(models: Sequence[str] = MODELS, vectors_dir: Path = VECTORS_DIR) -> str:
     out = []
-    key = ("posterior", "map", "top_k", "scale")
     for model in models:
         meta = json.loads((vectors_dir / model / "basis" / "composite.json").read_text())
         choice, validation, questions = meta["posterior_choice"], meta.get("validation"), meta.get("validation_questions")
-        setting = f"{choice['posterior']} posterior, {choice['map']} map, top_k {choice['top_k']}, scale {choice['scale']:g}"
+        margin = choice.get("no_relation")  # absent from maps chosen before the no-relation option
+        setting = (f"{choice['posterior']} posterior, {choice['map']} map, top_k {choice['top_k']}, scale {choice['scale']:g}"
+                   + ("" if margin is None else f", no-relation option at margin {margin:g}"))
         if not validation and not questions:
             out.append(f"**{model}** ({len(meta['basis'])} basis relations): {setting}, chosen by {choice['by']}.\n")
             continue
         out.append(f"**{model}** ({len(meta['basis'])} basis relations): {setting}, chosen by {choice['by']}.")
-        by_question = {tuple(c[k] for k in key): c["acc_d"] for c in questions["candidates"]} if questions else {}
+        by_question = {_candidate_key(c): c["acc_d"] for c in questions["candidates"]} if questions else {}
         if questions:
             sets = questions["sets"]
-            chosen = by_question[tuple(choice[k] for k in key)]
+            chosen = by_question[_candidate_key(choice)]
             counts = ", ".join(f"{name} {questions['questions'][name]}" for name in sets)
             per_set = ", ".join(f"{name} {questions['unpatched'][name]:.3f} to {chosen[name]:.3f}" for name in sets)
             out.append(f"On {sum(questions['questions'].values())} validation questions ({counts}; {questions['split']} splits), "
@@ -139,7 +143,7 @@ def cfv_settings_block(models: Sequence[str] = MODELS, vectors_dir: Path = VECTO
         by_relation = {}
         if validation:
             choosing, reporting = validation["choosing"], validation["reporting"]
-            by_relation = {tuple(c[k] for k in key): c for c in choosing["candidates"]}
+            by_relation = {_candidate_key(c): c for c in choosing["candidates"]}
             out.append(f"Held out of the basis (which then held {validation['basis_relations']} relations): "
                        f"{choosing['analogies']} analogies of {len(choosing['relations'])} relations scored every candidate "
                        f"(first-token accuracy of D, unpatched {choosing['unpatched']['accuracy']:.3f}); "
@@ -153,11 +157,11 @@ def cfv_settings_block(models: Sequence[str] = MODELS, vectors_dir: Path = VECTO
         sets = questions["sets"] if questions else []
         names = list(dict.fromkeys([*by_question, *by_relation]))
         names.sort(key=lambda n: (-by_question[n]["mean"] if n in by_question else 0.0, -by_relation[n]["accuracy"] if n in by_relation else 0.0))
-        header = ["posterior", "map", "top_k", "scale"] + (["acc_d, mean of sets", *sets] if sets else []) + (
+        header = ["posterior", "map", "top_k", "scale", "no-relation margin"] + (["acc_d, mean of sets", *sets] if sets else []) + (
             ["relations: accuracy", "repeats A, B or C"] if by_relation else [])
         rows = []
         for n in names:
-            row = [n[0], n[1], n[2], f"{n[3]:g}"]
+            row = [n[0], n[1], n[2], f"{n[3]:g}", "none" if n[4] is None else f"{n[4]:g}"]
             if sets:
                 row += [f"{by_question[n][x]:.3f}" for x in ("mean", *sets)] if n in by_question else [""] * (1 + len(sets))
             if by_relation:
@@ -166,6 +170,11 @@ def cfv_settings_block(models: Sequence[str] = MODELS, vectors_dir: Path = VECTO
         out.append("<details><summary>every candidate, on the validation questions and the choosing relations</summary>\n\n"
                    + _table(header, rows) + "\n</details>\n")
     return "\n".join(out)
+
+
+def _candidate_key(candidate: dict) -> tuple:
+    """A CFV candidate's settings in composite.json (no_relation absent before that option)."""
+    return (*(candidate[k] for k in ("posterior", "map", "top_k", "scale")), candidate.get("no_relation"))
 
 
 def alignment_block(models: Sequence[str] = MODELS, leaderboards: Path = ROOT / "leaderboards") -> str:
@@ -181,6 +190,47 @@ def alignment_block(models: Sequence[str] = MODELS, leaderboards: Path = ROOT / 
 
 def variant_file(model: str, directory: Path = VARIANT_RESULTS) -> Path:
     return directory / f"ffv-variants-{model}.json"
+
+
+def layer_search_file(model: str, directory: Path = VARIANT_RESULTS) -> Path:
+    return directory / f"cfv-layers-{model}.json"
+
+
+def cfv_layers_block(models: Sequence[str] = MODELS, directory: Path = VARIANT_RESULTS, vectors_dir: Path = VECTORS_DIR) -> str:
+    """Per model with a layer search: each layer's chosen CFV settings and their acc_d on the
+    validation questions. A shipped basis at another layer than the chosen one, or whose
+    figures differ from the search's, is an error naming both files."""
+    out = []
+    for model in models:
+        path = layer_search_file(model, directory)
+        if not path.exists():
+            continue
+        search = json.loads(path.read_text())
+        layers = search["layers"]
+        shipped_file = vectors_dir / model / "basis" / "composite.json"
+        shipped = json.loads(shipped_file.read_text())
+        chosen = layers[str(search["chosen_layer"])]
+        shipped_choice = {k: shipped["posterior_choice"].get(k) for k in chosen["chosen"]}
+        if shipped["layer"] != search["chosen_layer"] or shipped_choice != chosen["chosen"] or \
+                shipped["validation_questions"]["unpatched"] != chosen["unpatched"]:
+            raise PairingError(f"{shipped_file}: the shipped basis (layer {shipped['layer']}, {shipped_choice}) is not the one "
+                               f"{path} chose (layer {search['chosen_layer']}, {chosen['chosen']}): rebuild one of them")
+        sets = [name for name in chosen["unpatched"] if name != "mean"]
+        counts = ", ".join(f"{name} {chosen['questions'][name]}" for name in sets)
+        out.append(f"**{model}**: layer {search['chosen_layer']} chosen ({search['by']}; the FFVs' layer is "
+                   f"{search['ffv_layer']}). Validation questions: {counts} ({search['split']} splits), {search['metric']}:\n")
+        rows = [["unpatched", "", "", f"{chosen['unpatched']['mean']:.3f}", *(f"{chosen['unpatched'][x]:.3f}" for x in sets), ""]]
+        for n, r in layers.items():
+            c = r["chosen"]
+            setting = (f"{c['posterior']}, {c['map']}, top_k {c['top_k']}, scale {c['scale']:g}, no-relation "
+                       f"{'none' if c.get('no_relation') is None else format(c['no_relation'], 'g')} (of {r['candidates']})")
+            held = r.get("held_out_reporting")
+            rows.append([f"layer {n}" + (" (shipped)" if int(n) == search["chosen_layer"] else ""), r["basis_relations"], setting,
+                         f"{r['acc_d']['mean']:.3f}", *(f"{r['acc_d'][x]:.3f}" for x in sets),
+                         f"{held['unpatched']:.3f} to {held['chosen']:.3f}" if held else ""])
+        out.append(_table(["basis", "relations", "settings chosen there", "acc_d, mean of sets", *sets,
+                           "held-out relations: first-token accuracy"], rows))
+    return "\n".join(out)
 
 
 def _variant_outcomes(record: dict, base: dict, where: str) -> list[float]:
@@ -238,7 +288,8 @@ def blocks() -> dict[str, Callable[[], str]]:
             "overlap": lambda: overlap_block(board(ANALOGY_RESULTS)),
             "cfv_settings": cfv_settings_block,
             "alignment": alignment_block,
-            "ffv_variants": ffv_variants_block}
+            "ffv_variants": ffv_variants_block,
+            "cfv_layers": cfv_layers_block}
 
 
 def render(text: str, builders: dict[str, Callable[[], str]] | None = None) -> tuple[str, list[str]]:

@@ -50,6 +50,14 @@ class BasisSettings:
     # were trained (the library's default became "answer-newline" after they were built, chosen on
     # relation tasks that stop at a newline; the CFV's settings were chosen for these vectors).
     loss: str = "answer"
+    # The block the basis FFVs are added after (None: the most common layer of the model's shipped
+    # FFVs, function_heads). Its starting vectors are the same function heads' mean outputs.
+    layer: int | None = None
+
+    def __post_init__(self):
+        """A bad layer fails when the settings are made; build_basis checks it against the model."""
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            raise BasisError(f"basis layer {self.layer!r}: expected a block index >= 0")
 
 
 @dataclass(frozen=True)
@@ -128,11 +136,15 @@ def build_basis(
         raise BasisError("empty basis: no relations given")
     directory = Path(directory or basis_output_dir(model_alias))
     heads = function_heads(model_alias)
+    if settings.layer is not None:
+        if settings.layer >= patcher.adapter.n_layers:
+            raise BasisError(f"basis layer {settings.layer}: {model_alias} has blocks 0..{patcher.adapter.n_layers - 1}")
+        heads = dataclasses.replace(heads, layer=settings.layer)
     missing = []
     for relation in relations:
         path = basis_vector_file(directory, relation.name)
         if path.exists() and not force:
-            _check_cached(load_vector(path), relation, fingerprint)
+            _check_cached(load_vector(path), relation, fingerprint, heads.layer)
         else:
             missing.append(relation)
     progress(f"[ffv] basis for {model_alias}: {len(relations)} relations, {len(relations) - len(missing)} cached, "
@@ -180,8 +192,11 @@ def _training_fit(patcher, tokenizer, pair_lists, layer, vectors) -> tuple[list[
     return accuracy, logprob
 
 
-def _check_cached(stored, relation: BasisRelation, fingerprint: str) -> None:
+def _check_cached(stored, relation: BasisRelation, fingerprint: str, layer: int) -> None:
     meta = stored.metadata
+    if meta["layer"] != layer:
+        raise BasisError(f"{stored.path}: basis vector added after block {meta['layer']}, this basis is at block {layer}; "
+                         f"rebuild with --force, or build into another --out")
     if meta["model_fingerprint"] != fingerprint:
         raise BasisError(f"{stored.path}: basis vector made for model fingerprint {meta['model_fingerprint']} "
                          f"({meta.get('model', 'unknown')}), the loaded model is {fingerprint}; rebuild with --force")

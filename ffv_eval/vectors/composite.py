@@ -9,6 +9,11 @@ softmax over the basis turns the scores into the posterior over relations. Two p
                 over a temperature fitted to put the posterior on each training stem's own
                 relation. (A per-stem baseline alone would cancel in the softmax.)
 
+A "no relation" option may compete in the posterior (`no_relation`, a margin in nats): its score
+is the score of the same prompt without a vector (softmax: log P(B | A); calibrated: a gain of 0)
+plus the margin, and the mass it takes adds no vector, so a source pair no basis FFV maps better
+than the bare prompt (by the margin) gets a smaller CFV, or none.
+
 The posterior may keep only its `top_k` most likely relations (renormalised; 0 keeps all). An
 affine map, fitted on training analogies, turns the posterior into weights (W = s I, b = 0 for
 the posterior itself at scale s), and the CFV is the weighted sum of the basis vectors, added
@@ -24,6 +29,7 @@ vectors.library reads and writes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,15 +59,24 @@ class CompositeMap:
     relation_baseline: torch.Tensor | None = None  # [R], calibrated only
     metadata: dict = field(default_factory=dict)
     top_k: int = 0  # keep the k most likely relations of each posterior (0: all)
+    no_relation: float | None = None  # margin of the "no relation" option (None: no such option)
 
     def posterior(self, log_probs: torch.Tensor) -> torch.Tensor:
-        """basis_logprobs(..., with_baseline=True) [N, R + 1] -> posterior [N, R], float32."""
-        return keep_top(posterior_from(log_probs, self.posterior_kind, self.relation_baseline, self.temperature), self.top_k)
+        """basis_logprobs(..., with_baseline=True) [N, R + 1] -> posterior [N, R], float32 (with
+        the no-relation option, the relations' share only: rows sum to 1 less its mass)."""
+        return self.full_posterior(log_probs)[:, : len(self.basis.names)]
+
+    def full_posterior(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """[N, R + 1] -> [N, R], or [N, R + 1] with the no-relation option's mass last."""
+        scores = posterior_scores(log_probs, self.posterior_kind, self.relation_baseline, self.no_relation)
+        return keep_top(torch.softmax(scores / self.temperature, dim=-1), self.top_k)
 
     def top_rows(self) -> TopRows | None:
         """What the posterior needs of basis_logprobs(..., with_baseline=True): with top_k, only
         the top_k relations' log-probabilities exactly (the others' bounds rank below them);
-        without, everything (None)."""
+        without, everything (None). The no-relation option changes nothing here: it is exact (the
+        column without a vector), and the k best relations are exact whether it ranks among them
+        or not."""
         if self.top_k <= 0:
             return None
         R = len(self.basis.names)
@@ -124,19 +139,21 @@ def relation_gains(log_probs: torch.Tensor) -> torch.Tensor:
     return log_probs[:, :-1] - log_probs[:, -1:]
 
 
-def posterior_scores(log_probs: torch.Tensor, kind: str, relation_baseline: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, R + 1] log-probabilities -> [N, R] scores whose softmax (over T) is the posterior."""
+def posterior_scores(log_probs: torch.Tensor, kind: str, relation_baseline: torch.Tensor | None = None,
+                     no_relation: float | None = None) -> torch.Tensor:
+    """[N, R + 1] log-probabilities -> [N, R] scores whose softmax (over T) is the posterior;
+    with a `no_relation` margin, [N, R + 1], the last the no-relation option's: the bare
+    prompt's score (softmax: its log-probability; calibrated: a gain of 0) plus the margin."""
     if kind == "softmax":
-        return log_probs[:, :-1]
-    if kind == "calibrated":
+        scores, bare = log_probs[:, :-1], log_probs[:, -1:]
+    elif kind == "calibrated":
         if relation_baseline is None:
             raise BasisError("the calibrated posterior needs each relation's baseline (relation_baseline)")
-        return relation_gains(log_probs) - relation_baseline.to(log_probs.device, torch.float32)
-    raise BasisError(f"unknown posterior {kind!r} (known: {', '.join(POSTERIORS)})")
-
-
-def posterior_from(log_probs: torch.Tensor, kind: str, relation_baseline: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    return torch.softmax(posterior_scores(log_probs, kind, relation_baseline) / temperature, dim=-1)
+        scores = relation_gains(log_probs) - relation_baseline.to(log_probs.device, torch.float32)
+        bare = torch.zeros_like(log_probs[:, -1:])
+    else:
+        raise BasisError(f"unknown posterior {kind!r} (known: {', '.join(POSTERIORS)})")
+    return scores if no_relation is None else torch.cat([scores, bare + no_relation], dim=-1)
 
 
 def keep_top(posterior: torch.Tensor, k: int) -> torch.Tensor:
@@ -164,6 +181,7 @@ def save_composite_map(cmap: CompositeMap, model_alias: str) -> Path:
         "posterior": cmap.posterior_kind,
         "temperature": cmap.temperature,
         "top_k": cmap.top_k,
+        "no_relation": cmap.no_relation,
         "basis": cmap.basis.names,
         **cmap.metadata,
         "ffv_eval_version": __version__,
@@ -191,8 +209,14 @@ def load_composite_map(directory: Path, fingerprint: str | None = None) -> Compo
     top_k = meta.get("top_k", 0)  # maps saved before top_k keep every relation
     if not isinstance(top_k, int) or top_k < 0:
         raise BasisError(f"{side}: field 'top_k' is {top_k!r}, expected a whole number >= 0 (0 keeps every relation)")
+    no_relation = meta.get("no_relation")  # maps saved before the no-relation option have none
+    if no_relation is not None and (isinstance(no_relation, bool) or not isinstance(no_relation, (int, float))
+                                    or not math.isfinite(no_relation)):
+        raise BasisError(f"{side}: field 'no_relation' is {no_relation!r}, expected a number (the no-relation option's "
+                         f"margin in nats) or null (no such option)")
     return CompositeMap(basis, tensors["weight"], tensors["bias"], float(meta["temperature"]), kind,
-                        baseline if kind == "calibrated" else None, meta, top_k)
+                        baseline if kind == "calibrated" else None, meta, top_k,
+                        None if no_relation is None else float(no_relation))
 
 
 def model_composite_map(model_alias: str, fingerprint: str, basis_dir=None) -> CompositeMap:

@@ -51,6 +51,8 @@ class MapSettings:
     map: str = "auto"  # "fitted" (the paper's), "identity" (W = s I, b = 0), or "auto": the one validation supports
     top_k: tuple[int, ...] = (0, 1, 3)  # posterior sharpness tried with W = s I: relations kept (0: all)
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)  # CFV scales s tried with W = s I
+    # margins (nats) of the "no relation" option tried with W = s I (None: no such option; see composite.py)
+    no_relation: tuple[float | None, ...] = (None,)
     max_validation_analogies: int = 600  # per half of the held-out relations (a seeded sample)
     # multiple-choice sets whose valid.jsonl questions choose the settings (acc_d), when the data
     # directory has them, and how many of each (its first; 0: all)
@@ -72,6 +74,10 @@ class MapSettings:
             raise BasisError(f"top_k {list(self.top_k)}: expected whole numbers >= 0 (0 keeps every relation)")
         if not self.scales or any(not s > 0 for s in self.scales):
             raise BasisError(f"scales {list(self.scales)}: expected positive numbers")
+        if not self.no_relation or any(m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m))
+                                       for m in self.no_relation):
+            raise BasisError(f"no_relation {list(self.no_relation)}: expected margins in nats (numbers), or None for no "
+                             f"no-relation option")
         if unknown := [name for name in self.question_sets if name not in VALIDATION_SETS]:
             raise BasisError(f"question sets {unknown}: expected some of {', '.join(VALIDATION_SETS)} (sets with a valid split)")
         if isinstance(self.questions_per_set, bool) or not isinstance(self.questions_per_set, int) or self.questions_per_set < 0:
@@ -81,16 +87,18 @@ class MapSettings:
 @dataclass(frozen=True)
 class Candidate:
     """One way to turn a posterior into a CFV: which posterior, how many of its relations kept,
-    the fitted map or W = s I."""
+    the margin of its no-relation option (None: none), the fitted map or W = s I."""
 
     posterior: str
     map: str  # "fitted" or "identity"
     top_k: int = 0
     scale: float = 1.0
+    no_relation: float | None = None
 
     def preference(self) -> tuple:
-        """Tie-break towards the paper's choice: softmax, fitted map, every relation, scale 1."""
-        return (self.posterior == "softmax", self.map == "fitted", self.top_k == 0, self.scale == 1.0)
+        """Tie-break towards the paper's choice: softmax, fitted map, every relation, scale 1, no
+        no-relation option."""
+        return (self.posterior == "softmax", self.map == "fitted", self.top_k == 0, self.scale == 1.0, self.no_relation is None)
 
 
 PAPER = Candidate("softmax", "fitted")
@@ -217,7 +225,8 @@ class _Fit:
     def cmap(self, candidate: Candidate) -> CompositeMap:
         kind = candidate.posterior
         cmap = CompositeMap(self.basis, *_identity_map(len(self.basis.names)), self.temperature(kind), kind,
-                            self.relation_baseline if kind == "calibrated" else None, top_k=candidate.top_k)
+                            self.relation_baseline if kind == "calibrated" else None, top_k=candidate.top_k,
+                            no_relation=candidate.no_relation)
         if candidate.map == "fitted":
             if kind not in self._fitted:
                 self.progress(f"[ffv] fitting the map on the {kind} posterior (temperature {cmap.temperature:.3g}, "
@@ -247,7 +256,8 @@ def fit_composite_map(
 
     A seeded share of the relations is held out of the basis *and* of the fit: with the basis
     less those relations, each candidate (posterior softmax or calibrated; the fitted affine map
-    at scale 1 with every relation, or W = s I for each top_k and scale of the settings) is fitted
+    at scale 1 with every relation, or W = s I for each top_k, scale and no-relation margin of the
+    settings) is fitted
     on the other relations' analogies and scored (first-token accuracy of D, the CFV added where
     the model completes C) on the analogies of one half of the held-out relations; the best one
     (ties to the paper's softmax and fitted map) is then reported, beside unpatched and the
@@ -266,8 +276,9 @@ def fit_composite_map(
         check_words(tokenizer, [x.a, x.b, x.c], one_shot_prompt(x.a, x.b, x.c), x.d, where)
     kinds = POSTERIORS if settings.posterior == "auto" else (settings.posterior,)
     maps = ("fitted", "identity") if settings.map == "auto" else (settings.map,)
-    candidates = [Candidate(kind, how, k, s) for kind in kinds for how in maps
-                  for k, s in ([(0, 1.0)] if how == "fitted" else [(k, s) for k in settings.top_k for s in settings.scales])]
+    candidates = [Candidate(kind, how, k, s, m) for kind in kinds for how in maps
+                  for k, s, m in ([(0, 1.0, None)] if how == "fitted" else
+                                  [(k, s, m) for m in settings.no_relation for k in settings.top_k for s in settings.scales])]
     held_out = held_out_relations(analogies, settings.held_out_relations, settings.seed) if len(candidates) > 1 else set()
     choosing, reporting = split_held_out(held_out, settings.seed)
     fitting = [x for x in analogies if x.relation not in held_out]

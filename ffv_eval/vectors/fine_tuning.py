@@ -50,6 +50,9 @@ class TrainingSettings:
     # applied to it; below 1 the vector pushes less hard than the 20 pairs it fitted ask for
     # (chosen on the validation splits: docs/results.md)
     scale: float = 0.85
+    # weight of an unlikelihood term against copying: -log(1 - P(the input's first token)) where
+    # the answer begins (0: none; pairs whose answer begins with the input's token are exempt)
+    copy_penalty: float = 0.0
 
     def checked(self) -> TrainingSettings:
         """These settings, or a SettingError naming the bad one (called before any model work)."""
@@ -59,6 +62,8 @@ class TrainingSettings:
             raise SettingError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise SettingError(f"--scale must be a positive number, got {self.scale!r}")
+        if not (math.isfinite(self.copy_penalty) and self.copy_penalty >= 0):
+            raise SettingError(f"copy_penalty must be a number >= 0, got {self.copy_penalty!r}")
         return self
 
 
@@ -141,6 +146,13 @@ def train_function_vectors(
                for pairs in pair_lists]
     # per pair: the answer tokens the loss covers (all of them, with the newline, or the first)
     targets = [[ids[:1] if settings.loss == "first-token" else ids for ids in answers.answer_ids] for answers in prompts]
+    # per pair: the input's first token where the answer begins (the copy the penalty discourages),
+    # or -1 where the answer itself begins with it
+    copies = [[-1] * len(pairs) for pairs in pair_lists]
+    if settings.copy_penalty:
+        for r, pairs in enumerate(pair_lists):
+            inputs = encode_answers(tokenizer, [query_text(p.input) for p in pairs], [p.input for p in pairs]).answer_ids
+            copies[r] = [ids[0] if ids and ids[0] != target[0] else -1 for ids, target in zip(inputs, targets[r])]
     samplers = [_Sampler(len(pairs), settings.seed) for pairs in pair_lists]
     losses: list[list[float]] = [[] for _ in range(n_relations)]
     with torch.enable_grad():
@@ -163,7 +175,15 @@ def train_function_vectors(
             # cross-entropy per row: the mean over its answer tokens
             lengths = torch.tensor([len(a) for a in answers], dtype=torch.float32, device=device)
             per_token = torch.zeros(len(rows), dtype=torch.float32, device=device).index_add(0, rows_t.to(device), (-log_prob).to(device))
-            per_row = (per_token / lengths).view(n_relations, settings.batch_size)
+            per_row = per_token / lengths
+            copy = torch.tensor([copies[r][i] for r, i in rows], dtype=torch.long, device=device)
+            if settings.copy_penalty and bool((copy >= 0).any()):
+                starts_at = hidden[torch.arange(len(rows), device=hidden.device), answer_start.to(hidden.device)]
+                log_copy, _ = answer_log_probs(patcher.adapter, starts_at, copy.clamp(min=0))  # float32
+                # -log(1 - p), p kept below 1 so that a certain copy gives a large finite loss
+                unlikely = -torch.log1p(-log_copy.to(device).exp().clamp(max=1 - 1e-6))
+                per_row = per_row + settings.copy_penalty * torch.where(copy >= 0, unlikely, torch.zeros_like(unlikely))
+            per_row = per_row.view(n_relations, settings.batch_size)
             per_relation = per_row.mean(dim=1) + settings.l2 * torch.stack(
                 [(v.norm() / v0.norm()) ** 2 for v, v0 in zip(vectors, starts)])
             if not torch.isfinite(per_relation).all():

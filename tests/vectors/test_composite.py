@@ -42,7 +42,7 @@ def small_basis(gemma, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_basis_vectors_are_trained_stored_and_reused(small_basis):
+def test_basis_vectors_are_trained_stored_and_reused(small_basis, tmp_path):
     from ffv_eval.vectors.basis import BasisError, build_basis
     from ffv_eval.vectors.store import load_vector
 
@@ -72,6 +72,15 @@ def test_basis_vectors_are_trained_stored_and_reused(small_basis):
         build_basis(b.patcher, b.tok, "gemma-3-270m", b.fingerprint, changed, b.directory, b.settings)
     with pytest.raises(BasisError, match="fingerprint"):
         build_basis(b.patcher, b.tok, "gemma-3-270m", "0000000000000000", b.relations, b.directory, b.settings)
+    # another layer: its own directory (a cached vector at another block is refused), within the model's blocks
+    elsewhere = dataclasses_replace(b.settings, layer=b.basis.layer + 2, steps=2)
+    with pytest.raises(BasisError, match=f"added after block {b.basis.layer}, this basis is at block {b.basis.layer + 2}"):
+        build_basis(b.patcher, b.tok, "gemma-3-270m", b.fingerprint, b.relations, b.directory, elsewhere)
+    with pytest.raises(BasisError, match=r"basis layer 18: gemma-3-270m has blocks 0\.\.17"):
+        build_basis(b.patcher, b.tok, "gemma-3-270m", b.fingerprint, b.relations, tmp_path / "far", dataclasses_replace(elsewhere, layer=18))
+    moved = build_basis(b.patcher, b.tok, "gemma-3-270m", b.fingerprint, b.relations[:1], tmp_path / "moved", elsewhere)
+    assert moved.layer == b.basis.layer + 2
+    assert load_vector(tmp_path / "moved" / f"{b.relations[0].name}.safetensors").metadata["layer"] == moved.layer
 
 
 def dataclasses_replace(obj, **changes):
@@ -206,8 +215,9 @@ def test_batched_posterior_equals_one_source_pair_per_pass_and_its_baseline_is_u
     assert torch.equal(composite.basis_logprobs(patcher, tok, basis, stems), batched[:, :-1])
 
 
-@pytest.mark.parametrize("kind, k", [("softmax", 1), ("softmax", 2), ("calibrated", 1)])
-def test_cfvs_of_a_top_k_map_equal_those_of_the_full_posterior(monkeypatch, kind, k):
+@pytest.mark.parametrize("kind, k, no_relation", [("softmax", 1, None), ("softmax", 2, None), ("calibrated", 1, None),
+                                                  ("softmax", 1, 0.5), ("calibrated", 2, 0.0)])
+def test_cfvs_of_a_top_k_map_equal_those_of_the_full_posterior(monkeypatch, kind, k, no_relation):
     """With top_k, CompositeVectors unembeds in full only the relations that can be among a stem's
     k best (scoring.TopRows); the CFVs are those of every relation scored in full."""
     from functools import partial
@@ -219,7 +229,8 @@ def test_cfvs_of_a_top_k_map_equal_those_of_the_full_posterior(monkeypatch, kind
         patcher.adapter.unembedding().weight.mul_(20)
     g = torch.Generator().manual_seed(3)
     cmap = composite.CompositeMap(basis, 0.5 * torch.eye(10) + 0.05 * torch.randn(10, 10, generator=g), 0.01 * torch.randn(10, generator=g),
-                                  0.7, kind, torch.randn(10, generator=g) if kind == "calibrated" else None, top_k=k)
+                                  0.7, kind, torch.randn(10, generator=g) if kind == "calibrated" else None, top_k=k,
+                                  no_relation=no_relation)
     stems = [("ab", "ba"), ("abc", "cd"), ("x", "yy"), ("cd", "dc"), ("efg", "h"), ("kl", "lk")]
     monkeypatch.setattr(composite, "TopRows", partial(scoring.TopRows, candidates=10))  # the tiny vocabulary has 120 tokens
     full = composite.basis_logprobs(patcher, tok, basis, stems, with_baseline=True)
@@ -232,7 +243,7 @@ def test_cfvs_of_a_top_k_map_equal_those_of_the_full_posterior(monkeypatch, kind
 
 
 def test_calibrated_posterior_discounts_a_relation_that_raises_every_answer():
-    from ffv_eval.vectors.composite import posterior_from, relation_gains
+    from ffv_eval.vectors.composite import posterior_scores, relation_gains
 
     # relation 0 raises every answer by 3 nats; relation 1 raises B only for stems 0, 1; relation 2 for stem 2
     unpatched = torch.tensor([[-6.0], [-5.0], [-7.0], [-6.0]])
@@ -240,8 +251,8 @@ def test_calibrated_posterior_discounts_a_relation_that_raises_every_answer():
     log_probs = torch.cat([unpatched + gains, unpatched], dim=1)
     assert torch.allclose(relation_gains(log_probs), gains)
     baseline = gains.mean(0)
-    paper = posterior_from(log_probs, "softmax", None, 1.0).argmax(-1).tolist()
-    calibrated = posterior_from(log_probs, "calibrated", baseline, 1.0).argmax(-1).tolist()
+    paper = posterior_scores(log_probs, "softmax").argmax(-1).tolist()
+    calibrated = posterior_scores(log_probs, "calibrated", baseline).argmax(-1).tolist()
     assert paper == [0, 0, 0, 0] and calibrated[:3] == [1, 1, 2]
 
 
@@ -270,7 +281,7 @@ def test_map_fit_holds_relations_out_and_keeps_what_validation_supports(tmp_path
     analogies = [Analogy(a, b, c, d, f"r{k}") for k in range(4)
                  for (a, b), (c, d) in zip(zip(words, words[k + 1:] + words), zip(words[1:], words[k + 2:] + words))]
     messages = []
-    settings = MapSettings(steps=4, batch_size=4, held_out_relations=0.5, top_k=(0, 1), scales=(1.0, 2.0))
+    settings = MapSettings(steps=4, batch_size=4, held_out_relations=0.5, top_k=(0, 1), scales=(1.0, 2.0), no_relation=(None, 0.5))
     cmap = fit_composite_map(patcher, tok, basis, analogies, settings, messages.append)
     meta = cmap.metadata
     held = meta["held_out_relations"]
@@ -283,12 +294,15 @@ def test_map_fit_holds_relations_out_and_keeps_what_validation_supports(tmp_path
     validation = meta["validation"]
     assert validation["basis_relations"] == 2  # the held-out relations are absent from the basis while choosing
     tried = validation["choosing"]["candidates"]
-    # 2 posteriors x (the fitted map, and W = s I for 2 top_k x 2 scales)
-    assert len(tried) == 2 * (1 + 2 * 2) and {t["posterior"] for t in tried} == {"softmax", "calibrated"}
+    # 2 posteriors x (the fitted map, and W = s I for 2 top_k x 2 scales x 2 no-relation margins)
+    assert len(tried) == 2 * (1 + 2 * 2 * 2) and {t["posterior"] for t in tried} == {"softmax", "calibrated"}
+    assert {t["no_relation"] for t in tried if t["map"] == "identity"} == {None, 0.5}
+    assert {t["no_relation"] for t in tried if t["map"] == "fitted"} == {None}
     best = max(t["accuracy"] for t in tried)
     choice = meta["posterior_choice"]
-    winner = [t for t in tried if all(t[k] == choice[k] for k in ("posterior", "map", "top_k", "scale"))]
+    winner = [t for t in tried if all(t[k] == choice[k] for k in ("posterior", "map", "top_k", "scale", "no_relation"))]
     assert winner and winner[0]["accuracy"] == best and cmap.posterior_kind == choice["posterior"] and cmap.top_k == choice["top_k"]
+    assert cmap.no_relation == choice["no_relation"]
     assert set(validation["reporting"]) >= {"relations", "unpatched", "chosen", "paper"}
     assert len(cmap.basis.names) == 4  # the shipped map uses the whole basis again
     if choice["map"] == "identity":
@@ -410,8 +424,46 @@ def test_a_map_keeps_its_top_k_through_the_file_and_a_bad_one_is_named(tmp_path)
         load_composite_map(tmp_path, "f" * 16)
 
 
+def test_the_no_relation_option_takes_the_pairs_no_relation_maps_better_than_the_bare_prompt(tmp_path):
+    """With a no-relation margin m, the option scores the bare prompt's log P(B) + m (softmax) or
+    a gain of m (calibrated); the mass it takes adds no vector; it survives the file, and a bad
+    margin is named."""
+    from ffv_eval.vectors.basis import Basis
+    from ffv_eval.vectors.composite import CompositeMap, load_composite_map, save_composite_map
+    from ffv_eval.vectors.store import save_vector
+
+    basis = _tiny_basis(3)
+    basis = Basis(basis.names, basis.vectors, 1, "f" * 16, tmp_path)
+    for name, vector in zip(basis.names, basis.vectors):
+        save_vector(tmp_path / f"{name}.safetensors", vector, {"kind": "basis", "relation": name, "model_fingerprint": "f" * 16, "layer": 1})
+    # stem 0: relation 0 raises B by 2 nats over the bare prompt; stem 1: no relation raises it
+    log_probs = torch.tensor([[-1.0, -3.0, -2.0, -3.0], [-4.0, -3.5, -5.0, -3.0]])
+    gated = CompositeMap(basis, torch.eye(3), torch.zeros(3), 1.0, top_k=1, no_relation=1.0)
+    assert torch.equal(gated.posterior(log_probs), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(gated.vectors(gated.posterior(log_probs))[1], torch.zeros(basis.vectors.shape[1]))
+    strict = CompositeMap(basis, torch.eye(3), torch.zeros(3), 1.0, top_k=1, no_relation=2.5)  # 2 nats is not enough
+    assert not strict.posterior(log_probs).any()
+    soft = CompositeMap(basis, torch.eye(3), torch.zeros(3), 1.0, no_relation=0.0)  # every relation and the option share
+    expected = torch.softmax(log_probs, -1)
+    assert torch.allclose(soft.posterior(log_probs), expected[:, :3]) and torch.allclose(soft.full_posterior(log_probs), expected)
+    calibrated = CompositeMap(basis, torch.eye(3), torch.zeros(3), 1.0, "calibrated", torch.tensor([1.5, 0.0, 1.5]), top_k=1,
+                              no_relation=0.0)  # relation 0's gain of 2 less its baseline 1.5 still beats a gain of 0
+    assert torch.equal(calibrated.posterior(log_probs), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert CompositeMap(basis, torch.eye(3), torch.zeros(3), 1.0).posterior(log_probs).sum(-1).allclose(torch.ones(2))
+
+    save_composite_map(gated, "tiny")
+    loaded = load_composite_map(tmp_path, "f" * 16)
+    assert loaded.no_relation == 1.0 and torch.equal(loaded.posterior(log_probs), gated.posterior(log_probs))
+    side = tmp_path / "composite.json"
+    side.write_text(side.read_text().replace('"no_relation": 1.0', '"no_relation": "high"'))
+    with pytest.raises(BasisError, match=r"composite.json: field 'no_relation' is 'high', expected a number"):
+        load_composite_map(tmp_path, "f" * 16)
+
+
 @pytest.mark.parametrize(("settings", "message"), [({"top_k": (-1,)}, r"top_k \[-1\]: expected whole numbers >= 0"),
                                                   ({"top_k": ()}, "top_k"), ({"scales": (1.0, 0.0)}, r"scales \[1.0, 0.0\]"),
+                                                  ({"no_relation": (None, "high")}, r"no_relation \[None, 'high'\]: expected margins"),
+                                                  ({"no_relation": ()}, "no_relation"),
                                                   ({"posterior": "sharp"}, "posterior='sharp'"), ({"map": "linear"}, "map='linear'"),
                                                   ({"question_sets": ("sat",)}, r"question sets \['sat'\]: expected some of u2"),
                                                   ({"questions_per_set": -1}, "questions_per_set -1")])
@@ -498,3 +550,11 @@ def test_shipped_gemma_map_gets_the_same_cfvs_from_its_top_relations_alone(gemma
     cfvs = composite.CompositeVectors(patcher, tok, cmap)
     cfvs.prepare(stems)
     assert all(torch.equal(cfvs.vector(*stem), v) for stem, v in zip(stems, cmap.vectors(cmap.posterior(full))))
+
+
+@pytest.mark.parametrize("layer", [-1, 2.5, True])
+def test_a_bad_basis_layer_fails_when_the_settings_are_made(layer):
+    from ffv_eval.vectors.basis import BasisSettings
+
+    with pytest.raises(BasisError, match=f"basis layer {layer!r}: expected a block index >= 0"):
+        BasisSettings(layer=layer)

@@ -3,7 +3,10 @@ on a tiny model equals training each alone; on the real Gemma 3 270M (through th
 job), the loss falls, a rerun is bit-identical, the random start is the ablation, and bad
 training input is refused."""
 
+import dataclasses
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,6 +172,58 @@ def test_the_first_step_loss_equals_a_hooked_forward_over_the_answer_tokens(loss
         others = [other for other in ("answer", "answer-newline", "first-token") if other != loss]
         for other in others:
             assert result.losses[0] != pytest.approx(_hooked_answer_loss(model, tokenizer, pairs, 1, initial, other), rel=1e-3)
+
+
+class _SpaceMergingTokenizer(CharTokenizer):
+    """CharTokenizer, but a space and the character after it are one token (ids 103..119), so
+    that an answer's first token can differ from the input's."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids, i = [1] if add_special_tokens else [], 0
+        while i < len(text):
+            if text[i] == " " and i + 1 < len(text):
+                ids.append(103 + ord(text[i + 1]) % 17)
+                i += 2
+            else:
+                ids.append(3 + ord(text[i]) % 100)
+                i += 1
+        return SimpleNamespace(input_ids=ids)
+
+
+def test_the_copy_penalty_adds_the_unlikelihood_of_the_inputs_first_token_where_the_answer_begins():
+    torch.manual_seed(0)
+    model, tokenizer = tiny_llama(), _SpaceMergingTokenizer()
+    # the last pair's answer begins with the input's first token: it is exempt
+    pairs = [WordPair(a, b) for a, b in [("ab", "cde"), ("fg", "hij"), ("kl", "mnop"), ("qr", "qst")]]
+    initial = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    plain = TrainingSettings(steps=1, batch_size=len(pairs), l2=0.0, loss="answer")
+    base = train_function_vector(Patcher(model), tokenizer, pairs, 1, initial, plain).losses[0]
+    assert base == pytest.approx(_hooked_answer_loss(model, tokenizer, pairs, 1, initial, "answer"), rel=1e-5)
+    penalised = train_function_vector(Patcher(model), tokenizer, pairs, 1, initial, dataclasses.replace(plain, copy_penalty=2.0))
+    terms = []
+    for pair in pairs:
+        context = tokenizer(f"Q: {pair.input}\nA:").input_ids
+        copy, answer = tokenizer(f" {pair.input}", False).input_ids[0], tokenizer(f" {pair.output}", False).input_ids[0]
+        handle = model.model.layers[1].register_forward_hook(lambda m, a, out, at=len(context) - 1: _added(out, at, initial))
+        try:
+            p_copy = model(input_ids=torch.tensor([context])).logits[0, -1].float().softmax(-1)[copy].item()
+        finally:
+            handle.remove()
+        terms.append(0.0 if copy == answer else -math.log1p(-p_copy))
+    assert terms[-1] == 0.0 and all(t > 0 for t in terms[:-1])
+    assert penalised.losses[0] == pytest.approx(base + 2.0 * sum(terms) / len(pairs), rel=1e-5)
+
+
+def _added(output, at, vector):
+    output = output.clone()
+    output[0, at] += vector
+    return output
+
+
+@pytest.mark.parametrize("penalty", [-0.5, float("nan")])
+def test_a_copy_penalty_below_zero_is_refused(penalty):
+    with pytest.raises(SettingError, match="copy_penalty must be a number >= 0"):
+        TrainingSettings(copy_penalty=penalty).checked()
 
 
 def test_the_trained_vector_is_returned_times_the_scale_and_the_training_is_unchanged():
