@@ -62,11 +62,11 @@ def test_the_layer_search_keeps_each_layers_choice_and_picks_the_best_on_validat
     (vectors / "m" / "basis").mkdir(parents=True)
     (vectors / "m" / "basis" / "composite.json").write_text((tmp_path / "L6" / "composite.json").read_text())
     block = results_page.cfv_layers_block(("m",), out.parent, vectors)
-    assert "| layer 6 (shipped) | 2 | softmax, identity, top_k 1, scale 0.5, no-relation none (of 2) | 0.700 |" in block
+    assert "| layer 6 (chosen) | 2 | softmax, identity, top_k 1, scale 0.5, no-relation none (of 2) | 0.700 |" in block
     assert "| layer 9 | 2 | softmax, identity, top_k 1, scale 0.5, no-relation 2 (of 2) | 0.700 |" in block
+    assert "The shipped basis is that layer's" in block
     (vectors / "m" / "basis" / "composite.json").write_text((tmp_path / "L4" / "composite.json").read_text())
-    with pytest.raises(results_page.PairingError, match="the shipped basis \\(layer 4.*is not the one .*chose \\(layer 6"):
-        results_page.cfv_layers_block(("m",), out.parent, vectors)
+    assert "**Not shipped:** the shipped basis is at layer 4" in results_page.cfv_layers_block(("m",), out.parent, vectors)
     (tmp_path / "L4" / "composite.json").write_text(json.dumps(_composite(6, 0.1)))  # a second basis at layer 6
     with pytest.raises(SystemExit, match="a second basis at layer 6"):
         cfv_layer_search.main(["--model", "m", str(tmp_path / "L6"), str(tmp_path / "L4"), "--out", str(out)])
