@@ -47,6 +47,7 @@ from ffv_eval.vectors.library import composite_files, find_basis_dir, read_compo
 from ffv_eval.vectors.scoring import TopRows, cached_tail_log_probs
 
 POSTERIORS = ("softmax", "calibrated")
+NO_RELATION = "(no relation)"  # the no-relation option's name where relations are listed
 
 
 @dataclass
@@ -257,9 +258,12 @@ class CompositeVectors:
         return self._cache[(a, b)][1]
 
     def explain(self, a: str, b: str, top: int = 10) -> list[tuple[str, float, float]]:
-        """The top relations for A:B: (name, posterior, weight)."""
+        """The top relations for A:B: (name, posterior, weight); with the no-relation option,
+        NO_RELATION among them at its mass (weight 0: it adds no vector)."""
         self.prepare([(a, b)])
         posterior = self._cache[(a, b)][0]
         weights = self.cmap.weights(posterior[None])[0]
-        order = posterior.argsort(descending=True)[:top]
-        return [(self.cmap.basis.names[i], float(posterior[i]), float(weights[i])) for i in order]
+        rows = [(self.cmap.basis.names[i], float(posterior[i]), float(weights[i])) for i in posterior.argsort(descending=True)[:top]]
+        if self.cmap.no_relation is not None:
+            rows = sorted([*rows, (NO_RELATION, max(0.0, 1.0 - float(posterior.sum())), 0.0)], key=lambda row: -row[1])[:top]
+        return rows

@@ -240,6 +240,10 @@ def test_cfvs_of_a_top_k_map_equal_those_of_the_full_posterior(monkeypatch, kind
     cfvs.prepare(stems)
     for stem, posterior, vector in zip(stems, cmap.posterior(full), cmap.vectors(cmap.posterior(full))):
         assert torch.allclose(cfvs._cache[stem][0], posterior, atol=1e-6) and torch.allclose(cfvs.vector(*stem), vector, atol=1e-5)
+    if no_relation is not None:  # explained as one more row, at the mass the relations leave
+        for stem, mass in zip(stems, cmap.full_posterior(full)[:, -1].tolist()):
+            rows = dict((name, p) for name, p, _ in cfvs.explain(*stem, top=11))
+            assert rows[composite.NO_RELATION] == pytest.approx(mass, abs=1e-6)
 
 
 def test_calibrated_posterior_discounts_a_relation_that_raises_every_answer():
