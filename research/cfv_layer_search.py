@@ -42,10 +42,11 @@ def layer_record(meta: dict, directory: str) -> dict:
     record = {"basis_dir": directory, "basis_relations": len(meta["basis"]), "chosen": choice,
               "questions": questions["questions"], "unpatched": questions["unpatched"], "acc_d": chosen[0],
               "candidates": len(questions["candidates"])}
-    if validation := meta.get("validation"):
-        reporting = validation["reporting"]
-        record["held_out_reporting"] = {"analogies": reporting["analogies"], "unpatched": reporting["unpatched"]["accuracy"],
-                                        "chosen": reporting["chosen"]["accuracy"]}
+    if validation := meta.get("validation"):  # the chosen settings on the relations held out of the basis (choosing half)
+        choosing = validation["choosing"]
+        held = [c for c in choosing["candidates"] if all(c.get(k) == choice[k] for k in CANDIDATE_FIELDS)]
+        record["held_out"] = {"analogies": choosing["analogies"], "unpatched": choosing["unpatched"]["accuracy"],
+                              "chosen": held[0]["accuracy"] if held else None}
     return record
 
 

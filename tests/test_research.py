@@ -35,7 +35,9 @@ def _composite(layer, acc_d, unpatched=0.5, margin=None):
             "posterior_choice": {"posterior": "softmax", "map": "identity", "top_k": 1, "scale": 0.5, "no_relation": margin, "by": "x"},
             "validation_questions": {"sets": ["u2", "u4"], "questions": {"u2": 3, "u4": 4}, "split": "valid", "metric": "acc_d",
                                      "unpatched": {"u2": unpatched, "u4": unpatched, "mean": unpatched}, "candidates": candidates},
-            "validation": {"reporting": {"analogies": 9, "unpatched": {"accuracy": 0.1}, "chosen": {"accuracy": 0.2}}}}
+            "validation": {"choosing": {"analogies": 9, "unpatched": {"accuracy": 0.1},
+                                        "candidates": [{**{k: c[k] for k in ("posterior", "map", "top_k", "scale", "no_relation")},
+                                                        "accuracy": c["acc_d"]["mean"] / 2} for c in candidates]}}}
 
 
 def test_the_layer_search_keeps_each_layers_choice_and_picks_the_best_on_validation(tmp_path, monkeypatch):
@@ -56,7 +58,7 @@ def test_the_layer_search_keeps_each_layers_choice_and_picks_the_best_on_validat
     search = json.loads(out.read_text())
     assert search["chosen_layer"] == 6 and search["ffv_layer"] == 6  # 6 and 9 tie at 0.7: the FFVs' layer
     assert list(search["layers"]) == ["4", "6", "9"] and search["layers"]["9"]["chosen"]["no_relation"] == 2.0
-    assert search["layers"]["4"]["acc_d"]["mean"] == 0.6 and search["layers"]["4"]["held_out_reporting"]["chosen"] == 0.2
+    assert search["layers"]["4"]["acc_d"]["mean"] == 0.6 and search["layers"]["4"]["held_out"] == {"analogies": 9, "unpatched": 0.1, "chosen": 0.3}
 
     vectors = tmp_path / "vectors"
     (vectors / "m" / "basis").mkdir(parents=True)
@@ -66,7 +68,9 @@ def test_the_layer_search_keeps_each_layers_choice_and_picks_the_best_on_validat
     assert "| layer 9 | 2 | softmax, identity, top_k 1, scale 0.5, no-relation 2 (of 2) | 0.700 |" in block
     assert "The shipped basis is that layer's" in block
     (vectors / "m" / "basis" / "composite.json").write_text((tmp_path / "L4" / "composite.json").read_text())
-    assert "**Not shipped:** the shipped basis is at layer 4" in results_page.cfv_layers_block(("m",), out.parent, vectors)
+    block = results_page.cfv_layers_block(("m",), out.parent, vectors)
+    assert "**Not shipped yet:** the shipped basis and map (layer 4, softmax" in block
+    assert "| shipped (layer 4) | 2 | softmax, identity, top_k 1, scale 0.5, no-relation none | 0.600 |" in block
     (tmp_path / "L4" / "composite.json").write_text(json.dumps(_composite(6, 0.1)))  # a second basis at layer 6
     with pytest.raises(SystemExit, match="a second basis at layer 6"):
         cfv_layer_search.main(["--model", "m", str(tmp_path / "L6"), str(tmp_path / "L4"), "--out", str(out)])

@@ -215,19 +215,30 @@ def cfv_layers_block(models: Sequence[str] = MODELS, directory: Path = VARIANT_R
         counts = ", ".join(f"{name} {chosen['questions'][name]}" for name in sets)
         out.append(f"**{model}**: layer {search['chosen_layer']} chosen ({search['by']}; the FFVs' layer is "
                    f"{search['ffv_layer']}). " + ("The shipped basis is that layer's, with those settings. " if is_chosen else
-                   f"**Not shipped:** the shipped basis is at layer {shipped['layer']} with {_setting_text(shipped_setting)}, "
-                   f"and its test figures are that basis's. ") +
+                   f"**Not shipped yet:** the shipped basis and map (layer {shipped['layer']}, {_setting_text(shipped_setting)}) "
+                   f"are what the test figures above were run with. ") +
                    f"Validation questions: {counts} ({search['split']} splits), {search['metric']}:\n")
         rows = [["unpatched", "", "", f"{chosen['unpatched']['mean']:.3f}", *(f"{chosen['unpatched'][x]:.3f}" for x in sets), ""]]
         for n, r in layers.items():
-            held = r.get("held_out_reporting")
+            held = r.get("held_out")
             rows.append([f"layer {n}" + (" (chosen)" if int(n) == search["chosen_layer"] else ""), r["basis_relations"],
                          f"{_setting_text(r['chosen'])} (of {r['candidates']})",
                          f"{r['acc_d']['mean']:.3f}", *(f"{r['acc_d'][x]:.3f}" for x in sets),
-                         f"{held['unpatched']:.3f} to {held['chosen']:.3f}" if held else ""])
+                         f"{held['unpatched']:.3f} to {held['chosen']:.3f} ({held['analogies']})" if held and held["chosen"] is not None else ""])
+        if not is_chosen and shipped.get("validation_questions"):
+            acc = by_setting(shipped["validation_questions"]["candidates"], shipped_setting)
+            if acc is not None:
+                rows.append([f"shipped (layer {shipped['layer']})", len(shipped["basis"]), _setting_text(shipped_setting),
+                             f"{acc['mean']:.3f}", *(f"{acc[x]:.3f}" for x in sets), ""])
         out.append(_table(["basis", "relations", "settings chosen there", "acc_d, mean of sets", *sets,
-                           "held-out relations: first-token accuracy"], rows))
+                           "relations held out of the basis: first-token accuracy of D, unpatched to these settings (analogies)"], rows))
     return "\n".join(out)
+
+
+def by_setting(candidates: Sequence[dict], setting: dict) -> dict | None:
+    """The acc_d of the candidate with these settings (a missing no_relation is None)."""
+    found = [c["acc_d"] for c in candidates if all(c.get(k) == v for k, v in setting.items())]
+    return found[0] if found else None
 
 
 def _setting_text(c: dict) -> str:
