@@ -41,7 +41,9 @@ def layer_record(meta: dict, directory: str) -> dict:
     chosen = [c["acc_d"] for c in questions["candidates"] if all(c.get(k) == choice[k] for k in CANDIDATE_FIELDS)]
     record = {"basis_dir": directory, "basis_relations": len(meta["basis"]), "chosen": choice,
               "questions": questions["questions"], "unpatched": questions["unpatched"], "acc_d": chosen[0],
-              "candidates": len(questions["candidates"])}
+              "candidates": len(questions["candidates"]),
+              # every candidate tried at this layer, the losers included
+              "tried": [{**{k: c.get(k) for k in CANDIDATE_FIELDS}, "acc_d": c["acc_d"]} for c in questions["candidates"]]}
     if validation := meta.get("validation"):  # the chosen settings on the relations held out of the basis (choosing half)
         choosing = validation["choosing"]
         held = [c for c in choosing["candidates"] if all(c.get(k) == choice[k] for k in CANDIDATE_FIELDS)]

@@ -58,6 +58,7 @@ def test_the_layer_search_keeps_each_layers_choice_and_picks_the_best_on_validat
     search = json.loads(out.read_text())
     assert search["chosen_layer"] == 6 and search["ffv_layer"] == 6  # 6 and 9 tie at 0.7: the FFVs' layer
     assert list(search["layers"]) == ["4", "6", "9"] and search["layers"]["9"]["chosen"]["no_relation"] == 2.0
+    assert [t["acc_d"]["mean"] for t in search["layers"]["4"]["tried"]] == [0.6, 0.5]
     assert search["layers"]["4"]["acc_d"]["mean"] == 0.6 and search["layers"]["4"]["held_out"] == {"analogies": 9, "unpatched": 0.1, "chosen": 0.3}
 
     vectors = tmp_path / "vectors"
