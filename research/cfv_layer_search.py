@@ -13,8 +13,8 @@ fit chose and what they scored on the validation questions (acc_d on the valid s
 question sets) and on the held-out relations, in research/results/cfv-layers-<model>.json
 (ffv_eval.reports.results_page owns the name and renders it, block cfv_layers). The layer
 chosen is the one whose chosen settings score the best mean acc_d over the sets (ties: the
-layer of the model's FFVs); the shipped basis must be the one at that layer (the page's check
-fails otherwise). No test split is read.
+layer of the model's FFVs); the page says whether the shipped basis and map are that choice (a
+choice whose test cells are not run yet is shown as not shipped). No test split is read.
 """
 
 from __future__ import annotations
@@ -25,30 +25,28 @@ import sys
 from pathlib import Path
 
 from ffv_eval.files.atomic import atomic_write_text
-from ffv_eval.reports.results_page import layer_search_file
+from ffv_eval.reports.results_page import candidate_setting, find_candidate, layer_search_file
 from ffv_eval.vectors.basis import function_heads
 from ffv_eval.vectors.library import read_composite_metadata
-
-CANDIDATE_FIELDS = ("posterior", "map", "top_k", "scale", "no_relation")
 
 
 def layer_record(meta: dict, directory: str) -> dict:
     """What one basis's composite.json says of the settings its fit chose."""
-    choice = {k: meta["posterior_choice"].get(k) for k in CANDIDATE_FIELDS}
+    choice = candidate_setting(meta["posterior_choice"])
     questions = meta.get("validation_questions")
     if not questions:
         sys.exit(f"{directory}: its map was not chosen on validation questions (build it with --data-dir holding the valid splits)")
-    chosen = [c["acc_d"] for c in questions["candidates"] if all(c.get(k) == choice[k] for k in CANDIDATE_FIELDS)]
     record = {"basis_dir": directory, "basis_relations": len(meta["basis"]), "chosen": choice,
-              "questions": questions["questions"], "unpatched": questions["unpatched"], "acc_d": chosen[0],
+              "questions": questions["questions"], "unpatched": questions["unpatched"],
+              "acc_d": find_candidate(questions["candidates"], choice)["acc_d"],
               "candidates": len(questions["candidates"]),
               # every candidate tried at this layer, the losers included
-              "tried": [{**{k: c.get(k) for k in CANDIDATE_FIELDS}, "acc_d": c["acc_d"]} for c in questions["candidates"]]}
+              "tried": [{**candidate_setting(c), "acc_d": c["acc_d"]} for c in questions["candidates"]]}
     if validation := meta.get("validation"):  # the chosen settings on the relations held out of the basis (choosing half)
         choosing = validation["choosing"]
-        held = [c for c in choosing["candidates"] if all(c.get(k) == choice[k] for k in CANDIDATE_FIELDS)]
+        held = find_candidate(choosing["candidates"], choice)
         record["held_out"] = {"analogies": choosing["analogies"], "unpatched": choosing["unpatched"]["accuracy"],
-                              "chosen": held[0]["accuracy"] if held else None}
+                              "chosen": held["accuracy"] if held else None}
     return record
 
 

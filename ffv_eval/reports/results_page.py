@@ -172,9 +172,22 @@ def cfv_settings_block(models: Sequence[str] = MODELS, vectors_dir: Path = VECTO
     return "\n".join(out)
 
 
+CANDIDATE_FIELDS = ("posterior", "map", "top_k", "scale", "no_relation")  # a CFV candidate's settings in composite.json
+
+
+def candidate_setting(candidate: dict) -> dict:
+    """A CFV candidate's settings (composite.json's posterior_choice or one of its candidates;
+    no_relation is absent from maps chosen before that option: None)."""
+    return {k: candidate.get(k) for k in CANDIDATE_FIELDS}
+
+
+def find_candidate(candidates: Sequence[dict], setting: dict) -> dict | None:
+    """The candidate with these settings, or None."""
+    return next((c for c in candidates if candidate_setting(c) == setting), None)
+
+
 def _candidate_key(candidate: dict) -> tuple:
-    """A CFV candidate's settings in composite.json (no_relation absent before that option)."""
-    return (*(candidate[k] for k in ("posterior", "map", "top_k", "scale")), candidate.get("no_relation"))
+    return tuple(candidate_setting(candidate).values())
 
 
 def alignment_block(models: Sequence[str] = MODELS, leaderboards: Path = ROOT / "leaderboards") -> str:
@@ -196,20 +209,24 @@ def layer_search_file(model: str, directory: Path = VARIANT_RESULTS) -> Path:
     return directory / f"cfv-layers-{model}.json"
 
 
+def _research_records(models: Sequence[str], file_of: Callable[[str], Path]):
+    """(model, path, its JSON) for each model whose research results file exists."""
+    for model in models:
+        path = file_of(model)
+        if path.exists():
+            yield model, path, json.loads(path.read_text())
+
+
 def cfv_layers_block(models: Sequence[str] = MODELS, directory: Path = VARIANT_RESULTS, vectors_dir: Path = VECTORS_DIR) -> str:
     """Per model with a layer search: each layer's chosen CFV settings and their acc_d on the
     validation questions, and whether the shipped basis (its layer and settings, read from its
     composite.json) is the search's choice."""
     out = []
-    for model in models:
-        path = layer_search_file(model, directory)
-        if not path.exists():
-            continue
-        search = json.loads(path.read_text())
+    for model, _, search in _research_records(models, lambda m: layer_search_file(m, directory)):
         layers = search["layers"]
         shipped = json.loads((vectors_dir / model / "basis" / "composite.json").read_text())
         chosen = layers[str(search["chosen_layer"])]
-        shipped_setting = {k: shipped["posterior_choice"].get(k) for k in chosen["chosen"]}
+        shipped_setting = candidate_setting(shipped["posterior_choice"])
         is_chosen = shipped["layer"] == search["chosen_layer"] and shipped_setting == chosen["chosen"]
         sets = [name for name in chosen["unpatched"] if name != "mean"]
         counts = ", ".join(f"{name} {chosen['questions'][name]}" for name in sets)
@@ -226,19 +243,14 @@ def cfv_layers_block(models: Sequence[str] = MODELS, directory: Path = VARIANT_R
                          f"{r['acc_d']['mean']:.3f}", *(f"{r['acc_d'][x]:.3f}" for x in sets),
                          f"{held['unpatched']:.3f} to {held['chosen']:.3f} ({held['analogies']})" if held and held["chosen"] is not None else ""])
         if not is_chosen and shipped.get("validation_questions"):
-            acc = by_setting(shipped["validation_questions"]["candidates"], shipped_setting)
-            if acc is not None:
+            found = find_candidate(shipped["validation_questions"]["candidates"], shipped_setting)
+            if found is not None:
+                acc = found["acc_d"]
                 rows.append([f"shipped (layer {shipped['layer']})", len(shipped["basis"]), _setting_text(shipped_setting),
                              f"{acc['mean']:.3f}", *(f"{acc[x]:.3f}" for x in sets), ""])
         out.append(_table(["basis", "relations", "settings chosen there", "acc_d, mean of sets", *sets,
                            "relations held out of the basis: first-token accuracy of D, unpatched to these settings (analogies)"], rows))
     return "\n".join(out)
-
-
-def by_setting(candidates: Sequence[dict], setting: dict) -> dict | None:
-    """The acc_d of the candidate with these settings (a missing no_relation is None)."""
-    found = [c["acc_d"] for c in candidates if all(c.get(k) == v for k, v in setting.items())]
-    return found[0] if found else None
 
 
 def _setting_text(c: dict) -> str:
@@ -259,11 +271,7 @@ def ffv_variants_block(models: Sequence[str] = MODELS, directory: Path = VARIANT
     """Per model with a variants file: each variant's mean over the relations, and its gain over
     the shipped FFVs paired over the same validation questions."""
     out = []
-    for model in models:
-        path = variant_file(model, directory)
-        if not path.exists():
-            continue
-        data = json.loads(path.read_text())
+    for model, path, data in _research_records(models, lambda m: variant_file(m, directory)):
         variants = data["variants"]
         if VARIANT_BASELINE not in variants:
             raise PairingError(f"{path}: no '{VARIANT_BASELINE}' variant to pair the others against")

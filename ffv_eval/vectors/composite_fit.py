@@ -257,8 +257,7 @@ def fit_composite_map(
     A seeded share of the relations is held out of the basis *and* of the fit: with the basis
     less those relations, each candidate (posterior softmax or calibrated; the fitted affine map
     at scale 1 with every relation, or W = s I for each top_k, scale and no-relation margin of the
-    settings) is fitted
-    on the other relations' analogies and scored (first-token accuracy of D, the CFV added where
+    settings) is fitted on the other relations' analogies and scored (first-token accuracy of D, the CFV added where
     the model completes C) on the analogies of one half of the held-out relations; the best one
     (ties to the paper's softmax and fitted map) is then reported, beside unpatched and the
     paper's choice, on the other half. Without held-out relations (or with one candidate) the

@@ -176,8 +176,8 @@ def train_function_vectors(
             lengths = torch.tensor([len(a) for a in answers], dtype=torch.float32, device=device)
             per_token = torch.zeros(len(rows), dtype=torch.float32, device=device).index_add(0, rows_t.to(device), (-log_prob).to(device))
             per_row = per_token / lengths
-            copy = torch.tensor([copies[r][i] for r, i in rows], dtype=torch.long, device=device)
-            if settings.copy_penalty and bool((copy >= 0).any()):
+            if settings.copy_penalty and any(copies[r][i] >= 0 for r, i in rows):
+                copy = torch.tensor([copies[r][i] for r, i in rows], dtype=torch.long, device=device)
                 starts_at = hidden[torch.arange(len(rows), device=hidden.device), answer_start.to(hidden.device)]
                 log_copy, _ = answer_log_probs(patcher.adapter, starts_at, copy.clamp(min=0))  # float32
                 # -log(1 - p), p kept below 1 so that a certain copy gives a large finite loss
