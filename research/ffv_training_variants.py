@@ -39,6 +39,7 @@ from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tokens import encode_answers, left_pad, pad_id_of
 from ffv_eval.reports.results_page import PROMPTING_VARIANT, REFERENCE_VARIANTS, VARIANT_BASELINE, variant_file
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
+from ffv_eval.vectors.function_vectors import icl_difference_vector
 from ffv_eval.vectors.jobs import screened
 from ffv_eval.vectors.library import shipped_path
 from ffv_eval.vectors.store import load_vector
@@ -76,7 +77,14 @@ VARIANTS: dict[str, dict] = {
     # the shipped settings plus an unlikelihood term against answering with the input's own
     # first token (the FFV's commonest miss on english-french: "egg" -> "egg")
     **{f"copy-penalty-{w:g}": {"copy_penalty": w} for w in (0.3, 1.0)},
+    # another start: the mean difference, after the FV's block at the prompt's last token,
+    # between each training input's 10-shot prompt and its zero-shot prompt (an in-context
+    # "task vector"), scored as it is (icl-diff) and trained from with the shipped settings
+    "icl-diff": {"start": "icl-diff", "trained": False},
+    "init-icl-diff": {"start": "icl-diff"},
 }
+SCRIPT_ONLY = ("start", "trained")  # variant fields this script handles, not TrainingSettings'
+ICL_DIFF = "icl-diff"
 # A relation-level calibration, from the scale- records above (no model run): each relation's
 # validation questions are split by parity, and each half is scored with the scale that did best
 # on the other half (ties to the scale nearest the default)
@@ -168,13 +176,20 @@ def main(argv=None):
         else:
             if "layer" in changes:
                 layers = {r: changes["layer"] for r in relations_names}
-            settings = dataclasses.replace(TrainingSettings(), **{k: v for k, v in changes.items() if k != "layer"})
+            settings = dataclasses.replace(TrainingSettings(), **{k: v for k, v in changes.items()
+                                                                  if k not in ("layer", *SCRIPT_ONLY)})
             by_layer: dict[int, list[str]] = {}
             for r in relations_names:
                 by_layer.setdefault(layers[r], []).append(r)
             for layer, group in sorted(by_layer.items()):
                 pair_lists = [list(relations[r].train)[: settings.n_pairs] for r in group]
-                initials = torch.stack([starts[r].vector for r in group])
+                if changes.get("start") == ICL_DIFF:
+                    initials = torch.stack([icl_difference_vector(patcher, tokenizer, pairs, layer, N_SHOT, seed=1234) for pairs in pair_lists])
+                else:
+                    initials = torch.stack([starts[r].vector for r in group])
+                if changes.get("trained") is False:  # the start itself, as it is
+                    vectors.update(zip(group, initials))
+                    continue
                 results = train_function_vectors(patcher, tokenizer, pair_lists, layer, initials,
                                                  dataclasses.replace(settings, n_pairs=min(len(p) for p in pair_lists)))
                 for r, res in zip(group, results):

@@ -123,6 +123,18 @@ class Patcher:
             out.append(nnsight.save(tracer.result))
         return out[0]
 
+    @torch.no_grad()
+    def block_output(self, input_ids: torch.Tensor, positions: torch.Tensor, layer: int,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after decoder block `layer` (where vectors are added) at
+        `positions` [B]: [B, hidden], float32 (means of these are taken over many prompts)."""
+        saved: list = []
+        with self.traced.trace(input_ids, attention_mask=attention_mask, fn=self.adapter.base_model().forward):
+            hidden = _tensor(self._layer(layer).output)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            saved.append(nnsight.save(hidden[rows, positions.to(hidden.device)].detach().float().clone()))
+        return saved[0]
+
     # -- attention heads -------------------------------------------------------------------
     def head_outputs(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ffv_eval.data.prompts import fewshot_prompt, shuffled_label_demos
+from ffv_eval.data.prompts import fewshot_prompt, query_text, shuffled_label_demos
 from ffv_eval.data.relations import RelationData, WordPair
 from ffv_eval.errors import SettingError
 from ffv_eval.models.loading import input_device
@@ -68,6 +68,29 @@ def icl_prompts(pairs: Sequence[WordPair], n_prompts: int, n_shots: int, rng: ra
         texts.append(fewshot_prompt(demos, query.input))
         answers.append(query.output)
     return texts, answers
+
+
+@torch.no_grad()
+def icl_difference_vector(patcher: Patcher, tokenizer, pairs: Sequence[WordPair], layer: int, n_shots: int = 10,
+                          seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+    """An in-context "task vector": the mean over `pairs` of the residual stream after block
+    `layer` at the prompt's last token, each input's n-shot prompt (demonstrations: other pairs,
+    drawn with `seed`) minus its zero-shot prompt. [hidden] float32 on the CPU."""
+    if len(pairs) < 2:
+        raise SettingError(f"an in-context difference needs at least 2 pairs, got {len(pairs)}")
+    rng = random.Random(seed)
+    prompts = []
+    for i, pair in enumerate(pairs):
+        others = [p for j, p in enumerate(pairs) if j != i]
+        prompts += [fewshot_prompt(rng.sample(others, min(n_shots, len(others))), pair.input), query_text(pair.input)]
+    encoded = encode_prompts(tokenizer, prompts, [p.output for p in pairs for _ in range(2)])
+    device = input_device(patcher.model)
+    total = torch.zeros(patcher.adapter.hidden_size, device=device)
+    for start in range(0, len(prompts), batch_size):  # batch_size even: a pair's two prompts in one batch
+        ids, mask, last = right_pad(encoded.input_ids[start : start + batch_size], pad_id_of(tokenizer), device)
+        hidden = patcher.block_output(ids, last, layer, attention_mask=mask)
+        total += (hidden[0::2] - hidden[1::2]).sum(0)
+    return (total / len(pairs)).cpu()
 
 
 # -- step 2: mean head outputs -------------------------------------------------------------

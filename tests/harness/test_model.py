@@ -525,11 +525,16 @@ def test_lm_eval_without_model_args_patches_each_task_with_its_own_vector(auto_l
 
     n = 5  # U2: five choices, then each choice's C part (unpatched: the vector would come after it)
     auto_u2, plain_u2 = lls(auto, "u2_analogy"), lls(plain, "u2_analogy")
+    patched = 0
     for q in range(3):
         whole = slice(2 * n * q, 2 * n * q + n)
         c_part = slice(2 * n * q + n, 2 * n * (q + 1))
-        assert max(abs(x - y) for x, y in zip(auto_u2[whole], plain_u2[whole])) > 0.05, q
+        moved = max(abs(x - y) for x, y in zip(auto_u2[whole], plain_u2[whole]))
+        # the shipped map's no-relation option may leave a question without a vector: then nothing moves
+        assert moved > 0.05 or moved < 1e-4, q
+        patched += moved > 0.05
         assert auto_u2[c_part] == pytest.approx(plain_u2[c_part], abs=1e-4), q  # float32 rounding of other batch shapes
+    assert patched >= 1
     def generations(out):
         return [s["resps"][0][0] for s in sorted(out["samples"]["relation_antonym"], key=lambda s: s["doc_id"])]
 

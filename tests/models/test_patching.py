@@ -31,6 +31,21 @@ def test_vector_is_added_only_at_each_rows_position(tiny_model):
         assert not changed[row, :pos].any() and changed[row, pos]
 
 
+def test_block_output_is_the_residual_stream_after_the_block_at_each_rows_position(tiny_model):
+    patcher = Patcher(tiny_model)
+    ids = torch.randint(1, 120, (3, 7))
+    positions = torch.tensor([2, 6, 0])
+    captured = []
+    handle = tiny_model.model.layers[1].register_forward_hook(lambda m, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        tiny_model.model(ids)
+    handle.remove()
+    got = patcher.block_output(ids, positions, 1)
+    assert got.dtype == torch.float32 and got.shape == (3, patcher.adapter.hidden_size)
+    assert torch.allclose(got, captured[0][torch.arange(3), positions].float(), atol=1e-6)
+    assert not torch.allclose(got, patcher.block_output(ids, positions, 0), atol=1e-3)  # another block, another stream
+
+
 def test_head_outputs_and_head_patches_match_hooks(tiny_model):
     patcher = Patcher(tiny_model)
     a = patcher.adapter

@@ -373,6 +373,7 @@ MODELS = ("gemma-3-270m", "smollm2-135m")
 
 @pytest.mark.parametrize("model", MODELS)
 def test_shipped_map_fitted_on_2000_analogies_and_chosen_on_relations_absent_from_the_basis(model):
+    from ffv_eval.reports.results_page import candidate_setting, find_candidate
     from ffv_eval.vectors.composite import load_composite_map
 
     cmap = load_composite_map(VECTORS_DIR / model / "basis")
@@ -384,16 +385,16 @@ def test_shipped_map_fitted_on_2000_analogies_and_chosen_on_relations_absent_fro
     validation = meta["validation"]
     assert validation["basis_relations"] == len(cmap.basis.names) - len(choosing | reporting)
     choice = meta["posterior_choice"]
-    assert (cmap.posterior_kind, cmap.top_k) == (choice["posterior"], choice["top_k"])
+    assert (cmap.posterior_kind, cmap.top_k, cmap.no_relation) == (choice["posterior"], choice["top_k"], choice.get("no_relation"))
     tried = validation["choosing"]["candidates"]
-    chosen = [t for t in tried if all(t[k] == choice[k] for k in ("posterior", "map", "top_k", "scale"))]
+    chosen = find_candidate(tried, candidate_setting(choice))
     on_questions = meta.get("validation_questions")
     if on_questions:  # chosen by acc_d on the valid splits of the question sets
         assert set(on_questions["sets"]) == {"u2", "u4", "bats", "google"} and on_questions["split"] == "valid"
-        by_questions = [t for t in on_questions["candidates"] if all(t[k] == choice[k] for k in ("posterior", "map", "top_k", "scale"))]
-        assert by_questions[0]["acc_d"]["mean"] == max(t["acc_d"]["mean"] for t in on_questions["candidates"])
+        by_questions = find_candidate(on_questions["candidates"], candidate_setting(choice))
+        assert by_questions["acc_d"]["mean"] == max(t["acc_d"]["mean"] for t in on_questions["candidates"])
     else:
-        assert chosen and chosen[0]["accuracy"] == max(t["accuracy"] for t in tried)
+        assert chosen and chosen["accuracy"] == max(t["accuracy"] for t in tried)
     for key in ("unpatched", "chosen"):  # what the held-out reporting relations measured
         assert set(validation["reporting"][key]) == {"accuracy", "repeats_abc"}, key
 

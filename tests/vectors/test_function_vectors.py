@@ -7,10 +7,12 @@ import random
 import pytest
 import torch
 
-from ffv_eval.data.relations import load_relation
+from ffv_eval.data.prompts import fewshot_prompt, query_text
+from ffv_eval.data.relations import WordPair, load_relation
 from ffv_eval.models import tokens
 from ffv_eval.models.patching import Patcher
 from ffv_eval.vectors import function_vectors as fv
+from tests.conftest import CharTokenizer
 
 
 def test_cached_batched_indirect_effects_equal_the_straightforward_loop(tiny_model):
@@ -22,6 +24,24 @@ def test_cached_batched_indirect_effects_equal_the_straightforward_loop(tiny_mod
     plain = fv.indirect_effects_reference(patcher, prompts, mean_heads, full_model=True)
     assert slow.abs().max() > 1e-4
     assert (fast - slow).abs().max() < 1e-5 and (plain - slow).abs().max() < 1e-5
+
+
+def test_icl_difference_is_the_mean_n_shot_minus_zero_shot_stream_one_prompt_at_a_time(tiny_model):
+    """icl_difference_vector, batched and right-padded, against each pair's two prompts run
+    alone (the demonstrations drawn as the seed draws them, never the pair itself)."""
+    patcher, tok = Patcher(tiny_model), CharTokenizer()
+    pairs = [WordPair(w, w.upper()) for w in ["ab", "cde", "f", "ghij", "kl"]]
+    got = fv.icl_difference_vector(patcher, tok, pairs, 1, n_shots=2, seed=3, batch_size=4)
+    rng, diffs = random.Random(3), []
+    for i, pair in enumerate(pairs):
+        demos = rng.sample([p for p in pairs if p != pair], 2)
+        streams = [patcher.block_output(torch.tensor([tok(text).input_ids]), torch.tensor([len(tok(text).input_ids) - 1]), 1)[0]
+                   for text in (fewshot_prompt(demos, pair.input), query_text(pair.input))]
+        diffs.append(streams[0] - streams[1])
+    expected = torch.stack(diffs).mean(0)
+    assert expected.norm() > 1e-3 and torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(fv.SettingError, match="at least 2 pairs, got 1"):
+        fv.icl_difference_vector(patcher, tok, pairs[:1], 1)
 
 
 @pytest.mark.slow
