@@ -33,7 +33,7 @@ def test_icl_difference_is_the_mean_n_shot_minus_zero_shot_stream_one_prompt_at_
     pairs = [WordPair(w, w.upper()) for w in ["ab", "cde", "f", "ghij", "kl"]]
     got = fv.icl_difference_vector(patcher, tok, pairs, 1, n_shots=2, seed=3, batch_size=4)
     rng, diffs = random.Random(3), []
-    for i, pair in enumerate(pairs):
+    for pair in pairs:
         demos = rng.sample([p for p in pairs if p != pair], 2)
         streams = [patcher.block_output(torch.tensor([tok(text).input_ids]), torch.tensor([len(tok(text).input_ids) - 1]), 1)[0]
                    for text in (fewshot_prompt(demos, pair.input), query_text(pair.input))]
