@@ -83,7 +83,7 @@ VARIANTS: dict[str, dict] = {
     "icl-diff": {"start": "icl-diff", "trained": False},
     "init-icl-diff": {"start": "icl-diff"},
 }
-SCRIPT_ONLY = ("start", "trained")  # variant fields this script handles, not TrainingSettings'
+SCRIPT_ONLY = ("layer", "start", "trained")  # variant fields this script handles, not TrainingSettings'
 ICL_DIFF = "icl-diff"
 # A relation-level calibration, from the scale- records above (no model run): each relation's
 # validation questions are split by parity, and each half is scored with the scale that did best
@@ -176,8 +176,7 @@ def main(argv=None):
         else:
             if "layer" in changes:
                 layers = {r: changes["layer"] for r in relations_names}
-            settings = dataclasses.replace(TrainingSettings(), **{k: v for k, v in changes.items()
-                                                                  if k not in ("layer", *SCRIPT_ONLY)})
+            settings = dataclasses.replace(TrainingSettings(), **{k: v for k, v in changes.items() if k not in SCRIPT_ONLY})
             by_layer: dict[int, list[str]] = {}
             for r in relations_names:
                 by_layer.setdefault(layers[r], []).append(r)

@@ -72,7 +72,7 @@ def icl_prompts(pairs: Sequence[WordPair], n_prompts: int, n_shots: int, rng: ra
 
 @torch.no_grad()
 def icl_difference_vector(patcher: Patcher, tokenizer, pairs: Sequence[WordPair], layer: int, n_shots: int = 10,
-                          seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+                          seed: int = 0, pairs_per_pass: int = 4) -> torch.Tensor:
     """An in-context "task vector": the mean over `pairs` of the residual stream after block
     `layer` at the prompt's last token, each input's n-shot prompt (demonstrations: other pairs,
     drawn with `seed`) minus its zero-shot prompt. [hidden] float32 on the CPU."""
@@ -86,8 +86,9 @@ def icl_difference_vector(patcher: Patcher, tokenizer, pairs: Sequence[WordPair]
     encoded = encode_prompts(tokenizer, prompts, [p.output for p in pairs for _ in range(2)])
     device = input_device(patcher.model)
     total = torch.zeros(patcher.adapter.hidden_size, device=device)
-    for start in range(0, len(prompts), batch_size):  # batch_size even: a pair's two prompts in one batch
-        ids, mask, last = right_pad(encoded.input_ids[start : start + batch_size], pad_id_of(tokenizer), device)
+    step = 2 * pairs_per_pass  # a pair's two prompts always in the same pass
+    for start in range(0, len(prompts), step):
+        ids, mask, last = right_pad(encoded.input_ids[start : start + step], pad_id_of(tokenizer), device)
         hidden = patcher.block_output(ids, last, layer, attention_mask=mask)
         total += (hidden[0::2] - hidden[1::2]).sum(0)
     return (total / len(pairs)).cpu()

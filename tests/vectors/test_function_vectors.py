@@ -31,7 +31,7 @@ def test_icl_difference_is_the_mean_n_shot_minus_zero_shot_stream_one_prompt_at_
     alone (the demonstrations drawn as the seed draws them, never the pair itself)."""
     patcher, tok = Patcher(tiny_model), CharTokenizer()
     pairs = [WordPair(w, w.upper()) for w in ["ab", "cde", "f", "ghij", "kl"]]
-    got = fv.icl_difference_vector(patcher, tok, pairs, 1, n_shots=2, seed=3, batch_size=4)
+    got = fv.icl_difference_vector(patcher, tok, pairs, 1, n_shots=2, seed=3, pairs_per_pass=2)
     rng, diffs = random.Random(3), []
     for pair in pairs:
         demos = rng.sample([p for p in pairs if p != pair], 2)
