@@ -79,9 +79,11 @@ def _decode(args) -> None:
 
 
 def _build_library(args) -> None:
+    from ffv_eval.vectors.fine_tuning import TrainingSettings
     from ffv_eval.vectors.jobs import build_library
 
-    build_library(args.model, args.relations, args.force, placement=placement_of(args))
+    build_library(args.model, args.relations, args.force, training=TrainingSettings(**_given(init=args.init)),
+                  placement=placement_of(args))
 
 
 def _compare(args) -> None:
@@ -178,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a function vector (FFV) with the model frozen")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--relation", required=True, nargs="+")
-    p.add_argument("--init", choices=["fv", "random"], help="start from the relation's FV, or random (the ablation)")
+    p.add_argument("--init", choices=["fv", "random", "icl-diff"],  # vectors.fine_tuning.INITS
+                   help="start from the relation's FV (default), random (the ablation), or the "
+                        "in-context difference of the training pairs (icl-diff)")
     p.add_argument("--loss", choices=["answer", "answer-newline", "first-token"],  # vectors.fine_tuning.LOSSES
                    help="cross-entropy over the answer's tokens and the newline that ends it, teacher-forced (default), "
                         "over the answer's tokens only, or over its first token only")
@@ -210,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--relations", nargs="+", help="default: every relation with project word pairs")
     p.add_argument("--force", action="store_true", help="rebuild everything from scratch")
+    p.add_argument("--init", choices=["fv", "icl-diff"],  # vectors.fine_tuning.INITS but the random one
+                   help="the start of each relation's FFV: its FV (default) or the in-context difference (icl-diff); "
+                        "the random-init FFV is built either way")
     add_placement_arguments(p)
     p.set_defaults(run=_build_library)
 

@@ -38,8 +38,7 @@ from ffv_eval.models.loading import input_device, load_model_and_tokenizer
 from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tokens import encode_answers, left_pad, pad_id_of
 from ffv_eval.reports.results_page import PROMPTING_VARIANT, REFERENCE_VARIANTS, VARIANT_BASELINE, variant_file
-from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
-from ffv_eval.vectors.function_vectors import icl_difference_vector
+from ffv_eval.vectors.fine_tuning import TrainingSettings, starting_vectors, train_function_vectors
 from ffv_eval.vectors.jobs import screened
 from ffv_eval.vectors.library import shipped_path
 from ffv_eval.vectors.store import load_vector
@@ -77,14 +76,18 @@ VARIANTS: dict[str, dict] = {
     # the shipped settings plus an unlikelihood term against answering with the input's own
     # first token (the FFV's commonest miss on english-french: "egg" -> "egg")
     **{f"copy-penalty-{w:g}": {"copy_penalty": w} for w in (0.3, 1.0)},
-    # another start: the mean difference, after the FV's block at the prompt's last token,
-    # between each training input's 10-shot prompt and its zero-shot prompt (an in-context
-    # "task vector"), scored as it is (icl-diff) and trained from with the shipped settings
-    "icl-diff": {"start": "icl-diff", "trained": False},
-    "init-icl-diff": {"start": "icl-diff"},
+    # another start (TrainingSettings.init "icl-diff"): the mean difference, after the FV's block
+    # at the prompt's last token, between each training input's 10-shot prompt and its zero-shot
+    # prompt (an in-context "task vector"), scored as it is (icl-diff) and trained from with the
+    # shipped settings. Both were run with the demonstrations drawn with seed 1234, before the
+    # start became a training setting (which draws them with TrainingSettings.seed, 0).
+    "icl-diff": {"init": "icl-diff", "trained": False},
+    "init-icl-diff": {"init": "icl-diff"},
+    # the FV start with every other default: the FFVs shipped before a model's library was
+    # rebuilt from the icl-diff start (gemma-3-270m's "shipped" record before that)
+    "init-fv": {"init": "fv"},
 }
-SCRIPT_ONLY = ("layer", "start", "trained")  # variant fields this script handles, not TrainingSettings'
-ICL_DIFF = "icl-diff"
+SCRIPT_ONLY = ("layer", "trained")  # variant fields this script handles, not TrainingSettings'
 # A relation-level calibration, from the scale- records above (no model run): each relation's
 # validation questions are split by parity, and each half is scored with the scale that did best
 # on the other half (ties to the scale nearest the default)
@@ -182,12 +185,10 @@ def main(argv=None):
                 by_layer.setdefault(layers[r], []).append(r)
             for layer, group in sorted(by_layer.items()):
                 pair_lists = [list(relations[r].train)[: settings.n_pairs] for r in group]
-                if changes.get("start") == ICL_DIFF:
-                    initials = torch.stack([icl_difference_vector(patcher, tokenizer, pairs, layer, N_SHOT, seed=1234) for pairs in pair_lists])
-                else:
-                    initials = torch.stack([starts[r].vector for r in group])
+                initials = torch.stack([starts[r].vector for r in group])
                 if changes.get("trained") is False:  # the start itself, as it is
-                    vectors.update(zip(group, initials))
+                    vectors.update(zip(group, (v.cpu() for v in starting_vectors(patcher, tokenizer, pair_lists, layer,
+                                                                                 initials, settings))))
                     continue
                 results = train_function_vectors(patcher, tokenizer, pair_lists, layer, initials,
                                                  dataclasses.replace(settings, n_pairs=min(len(p) for p in pair_lists)))

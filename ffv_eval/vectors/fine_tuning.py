@@ -9,6 +9,11 @@ begins (the prompt's last token); "answer-newline" (the default, chosen on the r
 validation splits) the same over the answer and the newline that ends it (the relation tasks stop
 generating there, and 10-shot demonstrations show it), so the vector also teaches the model to
 stop after the answer; "first-token" is the cross-entropy of the answer's first token alone.
+The start (TrainingSettings.init): the relation's FV (the default), a random direction of the
+FV's norm (the ablation), or the in-context difference of the training pairs themselves
+("icl-diff", function_vectors.icl_difference_vector: each pair's 10-shot prompt minus its
+zero-shot prompt, after the vector's block; chosen for gemma-3-270m on the relations'
+validation splits, docs/results.md).
 The trained vector is returned multiplied by TrainingSettings.scale.
 The answer's tokens are found as lm-eval finds a continuation's (models.tokens.encode_continuation)."""
 
@@ -29,6 +34,7 @@ from ffv_eval.models.loading import input_device
 from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tokens import encode_answers, pad_id_of, right_pad
 from ffv_eval.progress import no_progress
+from ffv_eval.vectors.function_vectors import icl_difference_vector
 from ffv_eval.vectors.scoring import answer_log_probs
 
 
@@ -43,7 +49,7 @@ class TrainingSettings:
     batch_size: int = 4
     learning_rate: float = 0.05  # relative to the starting vector's RMS per coordinate
     l2: float = 0.01  # weight of (|v| / |v0|)^2
-    init: str = "fv"  # "fv" or "random" (a random direction with the FV's norm)
+    init: str = "fv"  # one of INITS: the FV, a random direction with its norm, or the in-context difference
     seed: int = 0
     loss: str = "answer-newline"  # one of LOSSES (chosen on the validation splits: docs/results.md)
     # the trained vector is returned (and saved) multiplied by this, as an FV's chosen scale is
@@ -56,8 +62,8 @@ class TrainingSettings:
 
     def checked(self) -> TrainingSettings:
         """These settings, or a SettingError naming the bad one (called before any model work)."""
-        if self.init not in ("fv", "random"):
-            raise SettingError(f"--init must be 'fv' or 'random', got {self.init!r}")
+        if self.init not in INITS:
+            raise SettingError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.loss not in LOSSES:
             raise SettingError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not (math.isfinite(self.scale) and self.scale > 0):
@@ -68,6 +74,8 @@ class TrainingSettings:
 
 
 LOSSES = ("answer", "answer-newline", "first-token")
+INITS = ("fv", "random", "icl-diff")
+ICL_DIFF_SHOTS = 10  # demonstrations per prompt of the "icl-diff" start (as 10-shot prompting shows)
 ANSWER_END = "\n"  # what ends an answer: the relation tasks' stop sequence (tasks/relations, until)
 
 
@@ -99,6 +107,20 @@ def random_like(vector: torch.Tensor, seed: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     direction = torch.randn(vector.shape, generator=generator, dtype=torch.float32, device="cpu").to(vector.device)
     return direction / direction.norm() * vector.float().norm()
+
+
+def starting_vectors(patcher: Patcher, tokenizer, pair_lists: Sequence[Sequence[WordPair]], layer: int,
+                     initials: torch.Tensor, settings: TrainingSettings) -> list[torch.Tensor]:
+    """Each relation's start as settings.init says, from its FV (`initials`, [relations,
+    hidden]) and its training pairs; float32 on the model's device."""
+    device = input_device(patcher.model)
+    initials = initials.to(device, torch.float32)
+    if settings.init == "random":
+        return [random_like(v, settings.seed) for v in initials]
+    if settings.init == "icl-diff":  # demonstrations drawn from the same training pairs
+        return [icl_difference_vector(patcher, tokenizer, pairs, layer, ICL_DIFF_SHOTS, seed=settings.seed).to(device)
+                for pairs in pair_lists]
+    return list(initials)
 
 
 def train_function_vector(
@@ -135,8 +157,7 @@ def train_function_vectors(
     # float32 whatever the model's dtype: the trained vectors and their Adam state (steps of
     # 0.05 x the vector's RMS would vanish in bfloat16's 8-bit mantissa); patching casts each
     # step's vector to the model's dtype, and gradients flow back through that cast.
-    initials = initials.to(device, torch.float32)
-    starts = [v if settings.init == "fv" else random_like(v, settings.seed) for v in initials]
+    starts = starting_vectors(patcher, tokenizer, pair_lists, layer, initials, settings)
     vectors = [v0.clone().requires_grad_(True) for v0 in starts]
     optimizer = torch.optim.Adam(
         [{"params": [v], "lr": settings.learning_rate * float(v0.norm() / math.sqrt(v0.numel()))} for v, v0 in zip(vectors, starts)]

@@ -127,8 +127,9 @@ def train_and_save(
     progress=show_progress,
     placement: Placement = Placement(),
 ) -> Path:
-    """Train an FFV from the relation's FV (`start_from`, default the shipped FV of the model)
-    or from a random vector of the FV's norm (settings.init == "random")."""
+    """Train an FFV from the relation's FV (`start_from`, default the shipped FV of the model),
+    from a random vector of the FV's norm (settings.init == "random"), or from the in-context
+    difference of its training pairs at the FV's layer (settings.init == "icl-diff")."""
     placement = placement.checked()  # device, dtype and setting errors before any model work
     settings = settings.checked()
     screen = test_screen(data_dir)
@@ -143,14 +144,14 @@ def train_and_save(
                                     + ", ".join(f"{p.input}:{p.output} (in {', '.join(sources)})" for p, sources in found[:5])
                                     + (f" and {len(found) - 5} more" if len(found) > 5 else "") + "; remove them from the file")
     pairs = check_training_pairs(pairs, relation.test, settings.n_pairs, pairs_file or f"train split of {relation.path}")
-    kind = "ffv" if settings.init == "fv" else "ffv-random"
+    kind = trained_kind(settings.init)
     path = Path(out) if out else output_path(model_name, kind, relation_name)
     _refuse_existing(path, force)
     fv_path = Path(start_from) if start_from else shipped_path(model_name, "fv", relation_name)
     if not fv_path.exists():
         raise VectorFileError(f"{fv_path}: no function vector to start from; run: ffv extract --model {model_name} --relation {relation_name}")
     start = load_vector(fv_path)
-    start_pairs = sidecar_training_pairs(start.metadata, sidecar_path(fv_path)) if settings.init == "fv" else []
+    start_pairs = sidecar_training_pairs(start.metadata, sidecar_path(fv_path)) if settings.init != "random" else []
     if start_pairs is None:
         progress(f"[ffv] warning: {fv_path} records no training pairs (made before ffv-eval recorded them): the {kind} "
                  f"records only its own, so its overlap with test data is checked without its starting vector's pairs")
@@ -228,11 +229,17 @@ def decode_and_print(specs: list[str], model_name: str, k: int = 20, data_dir: s
     return decodings
 
 
+def trained_kind(init: str) -> str:
+    """The library kind of an FFV trained from the start `init` (TrainingSettings.init)."""
+    return "ffv-random" if init == "random" else "ffv"
+
+
 def build_library(model_name: str, relations: list[str] | None = None, force: bool = False,
                   extraction: ExtractionSettings = ExtractionSettings(), training: TrainingSettings = TrainingSettings(),
                   progress=show_progress, placement: Placement = Placement()) -> list[Path]:
     """The vector library of one model, under ./vectors (the shipped library when run in the
-    checkout): per relation an FV, an FFV trained from it and an FFV from random init.
+    checkout): per relation an FV, an FFV trained from the start `training.init` (the FV unless
+    it says "icl-diff") and an FFV from random init.
     Existing vectors there are kept unless `force`; with `force` everything is
     rebuilt from scratch, and the same settings on the same machine give bit-identical files."""
     placement = placement.checked()
@@ -246,8 +253,8 @@ def build_library(model_name: str, relations: list[str] | None = None, force: bo
         if force or not fv_path.exists():
             made.append(extract_and_save(model_name, name, settings=extraction, force=force, progress=progress,
                                              placement=placement))
-        for init in ("fv", "random"):
-            kind = "ffv" if init == "fv" else "ffv-random"
+        for init in (training.init if training.init != "random" else "fv", "random"):
+            kind = trained_kind(init)
             if force or not output_path(model_name, kind, name).exists():
                 made.append(train_and_save(model_name, name, settings=dataclasses.replace(training, init=init),
                                            force=force, progress=progress, placement=placement))

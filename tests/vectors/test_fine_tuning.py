@@ -16,7 +16,14 @@ from ffv_eval.data.relations import RelationDataError, WordPair, load_relation
 from ffv_eval.errors import SettingError
 from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tiny import tiny_llama
-from ffv_eval.vectors.fine_tuning import DivergedTraining, TrainingSettings, train_function_vector, train_function_vectors
+from ffv_eval.vectors.fine_tuning import (
+    ICL_DIFF_SHOTS,
+    DivergedTraining,
+    TrainingSettings,
+    train_function_vector,
+    train_function_vectors,
+)
+from ffv_eval.vectors.function_vectors import icl_difference_vector
 from ffv_eval.vectors.jobs import train_and_save
 from ffv_eval.vectors.store import VectorFileError, load_vector
 from tests.conftest import CharTokenizer
@@ -41,6 +48,26 @@ def test_batched_training_of_several_relations_equals_training_each_alone():
         assert torch.allclose(result.vector, alone.vector, atol=1e-5), k
         assert result.losses == pytest.approx(alone.losses, abs=1e-5)
         assert not torch.allclose(result.vector, result.initial_vector)  # it trained
+
+
+def test_the_icl_diff_start_is_the_training_pairs_in_context_difference_and_the_fv_is_not_used():
+    patcher, tokenizer = Patcher(tiny_llama()), CharTokenizer()
+    pairs = _relation(2)
+    settings = TrainingSettings(steps=2, batch_size=2, init="icl-diff", seed=5)
+    result = train_function_vector(patcher, tokenizer, pairs, 1, torch.randn(32), settings)
+    expected = icl_difference_vector(patcher, tokenizer, pairs, 1, ICL_DIFF_SHOTS, seed=5)
+    assert torch.allclose(result.initial_vector, expected, atol=1e-6)
+    # another FV gives the same start: only its layer (given here) matters
+    again = train_function_vector(patcher, tokenizer, pairs, 1, torch.randn(32), settings)
+    assert torch.equal(again.initial_vector, result.initial_vector) and torch.equal(again.vector, result.vector)
+    fv_start = train_function_vector(patcher, tokenizer, pairs, 1, torch.ones(32), dataclasses.replace(settings, init="fv"))
+    assert torch.equal(fv_start.initial_vector, torch.ones(32))
+
+
+def test_an_unknown_start_is_refused():
+    with pytest.raises(SettingError, match="--init must be one of fv, random, icl-diff"):
+        train_function_vector(Patcher(tiny_llama()), CharTokenizer(), _relation(1), 1, torch.randn(32),
+                              TrainingSettings(steps=1, init="zeros"))
 
 
 # -- Gemma 3 270M -------------------------------------------------------------------------------------
@@ -250,9 +277,13 @@ def test_an_unknown_loss_is_refused():
                               TrainingSettings(steps=1, loss="perplexity"))
 
 
-def test_the_command_line_offers_every_loss():
+def test_the_command_line_offers_every_loss_and_start():
     from ffv_eval.cli import build_parser
-    from ffv_eval.vectors.fine_tuning import LOSSES
+    from ffv_eval.vectors.fine_tuning import INITS, LOSSES
 
-    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if a.dest == "loss")
-    assert tuple(train.choices) == LOSSES
+    commands = build_parser()._subparsers._group_actions[0].choices
+    train = {a.dest: a for a in commands["train"]._actions}
+    assert tuple(train["loss"].choices) == LOSSES
+    assert tuple(train["init"].choices) == INITS
+    library = next(a for a in commands["build-library"]._actions if a.dest == "init")
+    assert tuple(library.choices) == tuple(i for i in INITS if i != "random")

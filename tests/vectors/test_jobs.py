@@ -118,7 +118,7 @@ def test_gemma_trains_in_bfloat16_from_the_float32_fv(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [({"scale": 0.0}, "--scale must be a positive number"),
                                           ({"loss": "whole"}, "--loss must be one of"),
-                                          ({"init": "zeros"}, "--init must be 'fv' or 'random'")])
+                                          ({"init": "zeros"}, "--init must be one of fv, random, icl-diff")])
 def test_training_settings_are_refused_before_any_model_work(tmp_path, bad, message):
     from ffv_eval.errors import SettingError
     from ffv_eval.vectors.jobs import train_and_save
