@@ -86,6 +86,9 @@ VARIANTS: dict[str, dict] = {
     # the FV start with every other default: the FFVs shipped before a model's library was
     # rebuilt from the icl-diff start (gemma-3-270m's "shipped" record before that)
     "init-fv": {"init": "fv"},
+    # the scale again, for the icl-diff start (gemma-3-270m's shipped FFVs): run as the scale-
+    # rows were, rescaling the shipped FFVs (training is deterministic, the scale applied after it)
+    **{f"icl-diff-scale-{s:g}": {"init": "icl-diff", "scale": s} for s in (0.75, 1.0)},
 }
 SCRIPT_ONLY = ("layer", "trained")  # variant fields this script handles, not TrainingSettings'
 # A relation-level calibration, from the scale- records above (no model run): each relation's
@@ -169,10 +172,14 @@ def main(argv=None):
         vectors: dict[str, torch.Tensor | None] = {}
         layers = {r: starts[r].metadata["layer"] for r in relations_names}
         changes = dict(VARIANTS.get(name, {}))
-        if name == VARIANT_BASELINE or (changes and set(changes) <= {"scale"}):
+        shipped = {r: load_vector(shipped_path(args.model, "ffv", r)).metadata.get("init") for r in relations_names}
+        # a variant that changes only the scale of the shipped FFVs' own start rescales them
+        rescaled = (changes and set(changes) <= {"scale", "init"}
+                    and set(shipped.values()) == {changes.get("init", TrainingSettings().init)})
+        if name == VARIANT_BASELINE or rescaled:
             for r in relations_names:
                 stored = load_vector(shipped_path(args.model, "ffv", r))
-                rescale = changes["scale"] / stored.metadata["scale"] if changes else 1.0
+                rescale = changes.get("scale", stored.metadata["scale"]) / stored.metadata["scale"]
                 vectors[r], layers[r] = stored.vector * rescale, stored.metadata["layer"]
         elif name == PROMPTING_VARIANT:
             vectors = {r: None for r in relations_names}
