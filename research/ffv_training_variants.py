@@ -89,6 +89,9 @@ VARIANTS: dict[str, dict] = {
     # the scale again, for the icl-diff start (gemma-3-270m's shipped FFVs): run as the scale-
     # rows were, rescaling the shipped FFVs (training is deterministic, the scale applied after it)
     **{f"icl-diff-scale-{s:g}": {"init": "icl-diff", "scale": s} for s in (0.75, 1.0)},
+    # the copy penalty again, for the icl-diff start (copies of the input are still most of
+    # its English-French misses)
+    "icl-diff-copy-penalty-1": {"init": "icl-diff", "copy_penalty": 1.0},
 }
 SCRIPT_ONLY = ("layer", "trained")  # variant fields this script handles, not TrainingSettings'
 # A relation-level calibration, from the scale- records above (no model run): each relation's
