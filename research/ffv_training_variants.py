@@ -167,6 +167,7 @@ def main(argv=None):
     screen = test_screen(data_dir_from_env())
     relations = {r: screened(load_project_relation(r), screen, lambda m: None) for r in relations_names}
     starts = {r: load_vector(shipped_path(args.model, "fv", r)) for r in relations_names}
+    shipped = {r: load_vector(shipped_path(args.model, "ffv", r)) for r in relations_names}  # read once, for every variant
     model, tokenizer = load_model_and_tokenizer(args.model)
     patcher = Patcher(model)
     device = input_device(model)
@@ -175,13 +176,12 @@ def main(argv=None):
         vectors: dict[str, torch.Tensor | None] = {}
         layers = {r: starts[r].metadata["layer"] for r in relations_names}
         changes = dict(VARIANTS.get(name, {}))
-        shipped = {r: load_vector(shipped_path(args.model, "ffv", r)).metadata.get("init") for r in relations_names}
         # a variant that changes only the scale of the shipped FFVs' own start rescales them
         rescaled = (changes and set(changes) <= {"scale", "init"}
-                    and set(shipped.values()) == {changes.get("init", TrainingSettings().init)})
+                    and {s.metadata.get("init") for s in shipped.values()} == {changes.get("init", TrainingSettings().init)})
         if name == VARIANT_BASELINE or rescaled:
             for r in relations_names:
-                stored = load_vector(shipped_path(args.model, "ffv", r))
+                stored = shipped[r]
                 rescale = changes.get("scale", stored.metadata["scale"]) / stored.metadata["scale"]
                 vectors[r], layers[r] = stored.vector * rescale, stored.metadata["layer"]
         elif name == PROMPTING_VARIANT:
