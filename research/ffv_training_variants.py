@@ -92,6 +92,13 @@ VARIANTS: dict[str, dict] = {
     # the copy penalty again, for the icl-diff start (copies of the input are still most of
     # its English-French misses)
     "icl-diff-copy-penalty-1": {"init": "icl-diff", "copy_penalty": 1.0},
+    # the step size, the steps and the pairs again, for the icl-diff start: the learning rate and
+    # the l2 weight are relative to the start, and the icl-diff start is far longer than an FV, so
+    # the shipped settings move it further; these stay nearer the start (which alone does well on
+    # English-French) or fit more pairs
+    "icl-diff-lr-0.02": {"init": "icl-diff", "learning_rate": 0.02},
+    "icl-diff-steps-30": {"init": "icl-diff", "steps": 30},
+    "icl-diff-pairs-all": {"init": "icl-diff", "n_pairs": ALL_PAIRS},
 }
 SCRIPT_ONLY = ("layer", "trained")  # variant fields this script handles, not TrainingSettings'
 # A relation-level calibration, from the scale- records above (no model run): each relation's
@@ -166,6 +173,11 @@ def main(argv=None):
     relations_names = args.relations or project_relations()
     screen = test_screen(data_dir_from_env())
     relations = {r: screened(load_project_relation(r), screen, lambda m: None) for r in relations_names}
+    empty = [r for r in relations_names if not relations[r].validation]
+    if empty:  # refused before any model work, not after a variant's training
+        sys.exit(f"no validation questions left for {', '.join(empty)}: FFV_DATA_DIR screens out pairs shared with "
+                 "its analogy test sets, and the records (like the shipped FFVs) use the project pairs unscreened; "
+                 "unset FFV_DATA_DIR")
     starts = {r: load_vector(shipped_path(args.model, "fv", r)) for r in relations_names}
     shipped = {r: load_vector(shipped_path(args.model, "ffv", r)) for r in relations_names}  # read once, for every variant
     model, tokenizer = load_model_and_tokenizer(args.model)

@@ -29,7 +29,7 @@ from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tokens import encode_prompts, pad_id_of
 from ffv_eval.progress import no_progress
 from ffv_eval.vectors.fine_tuning import TrainingSettings, train_function_vectors
-from ffv_eval.vectors.function_vectors import icl_prompts, mean_head_outputs
+from ffv_eval.vectors.function_vectors import ICL_SHOTS, icl_prompts, mean_head_outputs
 from ffv_eval.vectors.library import BasisError, basis_output_dir, basis_vector_file, kind_dir, model_vectors
 from ffv_eval.vectors.scoring import first_token_scores
 from ffv_eval.vectors.store import VectorFileError, load_vector, save_vector
@@ -44,7 +44,7 @@ class BasisSettings:
     batch_size: int = 4  # pairs per relation per step
     relations_per_pass: int = 16  # relations trained together in one forward pass
     init_prompts: int = 8  # in-context prompts averaged for the starting FV
-    n_shots: int = 10
+    n_shots: int = ICL_SHOTS
     seed: int = 0
     # The basis FFVs' loss (vectors.fine_tuning.LOSSES): the answer's tokens, as the shipped bases
     # were trained (the library's default became "answer-newline" after they were built, chosen on

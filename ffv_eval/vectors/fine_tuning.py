@@ -75,7 +75,6 @@ class TrainingSettings:
 
 LOSSES = ("answer", "answer-newline", "first-token")
 INITS = ("fv", "random", "icl-diff")
-ICL_DIFF_SHOTS = 10  # demonstrations per prompt of the "icl-diff" start (as 10-shot prompting shows)
 ANSWER_END = "\n"  # what ends an answer: the relation tasks' stop sequence (tasks/relations, until)
 
 
@@ -118,7 +117,7 @@ def starting_vectors(patcher: Patcher, tokenizer, pair_lists: Sequence[Sequence[
     if settings.init == "random":
         return [random_like(v, settings.seed) for v in initials]
     if settings.init == "icl-diff":  # demonstrations drawn from the same training pairs
-        return [icl_difference_vector(patcher, tokenizer, pairs, layer, ICL_DIFF_SHOTS, seed=settings.seed).to(device)
+        return [icl_difference_vector(patcher, tokenizer, pairs, layer, seed=settings.seed).to(device)
                 for pairs in pair_lists]
     return list(initials)
 

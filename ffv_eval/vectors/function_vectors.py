@@ -28,10 +28,14 @@ from ffv_eval.models.tokens import PromptSet, encode_prompts, pad_id_of, right_p
 from ffv_eval.progress import no_progress
 from ffv_eval.vectors.scoring import answer_log_probs, first_token_accuracy, first_token_scores
 
+# demonstrations per in-context prompt: the FV's prompts, the basis FFVs' starts and the icl-diff
+# start (as 10-shot prompting shows); the one home of that default
+ICL_SHOTS = 10
+
 
 @dataclass(frozen=True)
 class ExtractionSettings:
-    n_shots: int = 10
+    n_shots: int = ICL_SHOTS
     n_mean_prompts: int = 32
     n_effect_prompts: int = 12
     top_k_choices: tuple[int, ...] = (1, 3, 10)
@@ -71,7 +75,7 @@ def icl_prompts(pairs: Sequence[WordPair], n_prompts: int, n_shots: int, rng: ra
 
 
 @torch.no_grad()
-def icl_difference_vector(patcher: Patcher, tokenizer, pairs: Sequence[WordPair], layer: int, n_shots: int = 10,
+def icl_difference_vector(patcher: Patcher, tokenizer, pairs: Sequence[WordPair], layer: int, n_shots: int = ICL_SHOTS,
                           seed: int = 0, pairs_per_pass: int = 4) -> torch.Tensor:
     """An in-context "task vector": the mean over `pairs` of the residual stream after block
     `layer` at the prompt's last token, each input's n-shot prompt (demonstrations: other pairs,

@@ -17,13 +17,12 @@ from ffv_eval.errors import SettingError
 from ffv_eval.models.patching import Patcher
 from ffv_eval.models.tiny import tiny_llama
 from ffv_eval.vectors.fine_tuning import (
-    ICL_DIFF_SHOTS,
     DivergedTraining,
     TrainingSettings,
     train_function_vector,
     train_function_vectors,
 )
-from ffv_eval.vectors.function_vectors import icl_difference_vector
+from ffv_eval.vectors.function_vectors import ICL_SHOTS, icl_difference_vector
 from ffv_eval.vectors.jobs import train_and_save
 from ffv_eval.vectors.store import VectorFileError, load_vector
 from tests.conftest import CharTokenizer
@@ -55,7 +54,7 @@ def test_the_icl_diff_start_is_the_training_pairs_in_context_difference_and_the_
     pairs = _relation(2)
     settings = TrainingSettings(steps=2, batch_size=2, init="icl-diff", seed=5)
     result = train_function_vector(patcher, tokenizer, pairs, 1, torch.randn(32), settings)
-    expected = icl_difference_vector(patcher, tokenizer, pairs, 1, ICL_DIFF_SHOTS, seed=5)
+    expected = icl_difference_vector(patcher, tokenizer, pairs, 1, ICL_SHOTS, seed=5)
     assert torch.allclose(result.initial_vector, expected, atol=1e-6)
     # another FV gives the same start: only its layer (given here) matters
     again = train_function_vector(patcher, tokenizer, pairs, 1, torch.randn(32), settings)
