@@ -99,6 +99,9 @@ VARIANTS: dict[str, dict] = {
     "icl-diff-lr-0.02": {"init": "icl-diff", "learning_rate": 0.02},
     "icl-diff-steps-30": {"init": "icl-diff", "steps": 30},
     "icl-diff-pairs-all": {"init": "icl-diff", "n_pairs": ALL_PAIRS},
+    # the shipped settings with another training seed (the icl-diff start's demonstrations and the
+    # batches): not candidates, but the spread a variant's difference from the shipped FFVs must beat
+    **{f"icl-diff-seed-{s}": {"init": "icl-diff", "seed": s} for s in (1, 2, 3)},
 }
 SCRIPT_ONLY = ("layer", "trained")  # variant fields this script handles, not TrainingSettings'
 # A relation-level calibration, from the scale- records above (no model run): each relation's
