@@ -183,6 +183,7 @@ def main(argv=None):
                  "unset FFV_DATA_DIR")
     starts = {r: load_vector(shipped_path(args.model, "fv", r)) for r in relations_names}
     shipped = {r: load_vector(shipped_path(args.model, "ffv", r)) for r in relations_names}  # read once, for every variant
+    shipped_inits = {s.metadata.get("init") for s in shipped.values()}
     model, tokenizer = load_model_and_tokenizer(args.model)
     patcher = Patcher(model)
     device = input_device(model)
@@ -193,7 +194,7 @@ def main(argv=None):
         changes = dict(VARIANTS.get(name, {}))
         # a variant that changes only the scale of the shipped FFVs' own start rescales them
         rescaled = (changes and set(changes) <= {"scale", "init"}
-                    and {s.metadata.get("init") for s in shipped.values()} == {changes.get("init", TrainingSettings().init)})
+                    and shipped_inits == {changes.get("init", TrainingSettings().init)})
         if name == VARIANT_BASELINE or rescaled:
             for r in relations_names:
                 stored = shipped[r]
